@@ -1,0 +1,78 @@
+"""Load any BERT-family checkpoint (a MoEBERT folder, or a stock BERT folder / hub id as the dense
+teacher) into the MoEBERT classes, with clear errors for what is not one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from transformers import PretrainedConfig
+
+from moebert.configuration import MoEBertConfig
+from moebert.modeling import (
+    MoEBertForQuestionAnswering,
+    MoEBertForSequenceClassification,
+    MoEBertModel,
+    MoEBertPreTrainedModel,
+)
+
+Task = Literal["classification", "qa", "encoder"]
+MODEL_CLASSES: dict[str, type[MoEBertPreTrainedModel]] = {
+    "classification": MoEBertForSequenceClassification,
+    "qa": MoEBertForQuestionAnswering,
+    "encoder": MoEBertModel,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used: missing, not BERT, or inconsistent."""
+
+
+def load_config(path: str | Path, **overrides) -> MoEBertConfig:
+    """The MoEBertConfig of a MoEBERT folder, or the dense-BERT MoEBertConfig of a stock BERT."""
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(str(path))
+    except (OSError, json.JSONDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read a model config ({err})") from err
+    if not config_dict:
+        raise CheckpointError(f"{path}: no config.json found (not a model folder)")
+    model_type = config_dict.get("model_type")
+    if model_type not in ("bert", "moebert"):
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not a BERT checkpoint (expected 'bert' or 'moebert')"
+        )
+    config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
+    if model_type == "bert":
+        config_dict["moe_layers"] = []
+    try:
+        return MoEBertConfig(**{**config_dict, **overrides})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid config ({err})") from err
+
+
+def task_of(config: PretrainedConfig) -> Task:
+    """Which head a checkpoint was trained with, from its recorded architecture."""
+    archs = " ".join(config.architectures or [])
+    if "QuestionAnswering" in archs:
+        return "qa"
+    if "SequenceClassification" in archs:
+        return "classification"
+    return "encoder"
+
+
+def load_model(path: str | Path, task: Task | None = None, **overrides) -> MoEBertPreTrainedModel:
+    """Load `path` (local folder or hub id) for `task` (default: the task recorded in the checkpoint).
+
+    A stock BERT loads as a dense MoEBERT (moe_layers = []), e.g. the teacher; a head the checkpoint
+    lacks (a bare encoder loaded for classification) starts from random weights, as in transformers.
+    """
+    config = load_config(path, **overrides)
+    task = task or task_of(config)
+    if task not in MODEL_CLASSES:
+        raise CheckpointError(f"unknown task {task!r}: expected one of {', '.join(MODEL_CLASSES)}")
+    try:
+        model = MODEL_CLASSES[task].from_pretrained(str(path), config=config)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot load the weights ({err})") from err
+    return model.eval()
