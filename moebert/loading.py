@@ -45,6 +45,8 @@ def load_config(path: str | Path, **overrides) -> MoEBertConfig:
     config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
     if model_type == "bert":
         config_dict["moe_layers"] = []
+    if "num_labels" in overrides and "id2label" not in overrides:  # a new head: drop the old label names
+        config_dict = {k: v for k, v in config_dict.items() if k not in ("id2label", "label2id")}
     try:
         return MoEBertConfig(**{**config_dict, **overrides})
     except (TypeError, ValueError) as err:
@@ -72,7 +74,10 @@ def load_model(path: str | Path, task: Task | None = None, **overrides) -> MoEBe
     if task not in MODEL_CLASSES:
         raise CheckpointError(f"unknown task {task!r}: expected one of {', '.join(MODEL_CLASSES)}")
     try:
-        model = MODEL_CLASSES[task].from_pretrained(str(path), config=config)
+        # A new head size (num_labels override) re-initialises the head instead of failing on its shape.
+        model = MODEL_CLASSES[task].from_pretrained(
+            str(path), config=config, ignore_mismatched_sizes="num_labels" in overrides
+        )
     except (OSError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot load the weights ({err})") from err
     return model.eval()

@@ -497,6 +497,11 @@ class MoEBertForQuestionAnswering(MoEBertPreTrainedModel):
         """→ start_logits, end_logits [B, T]; start/end_positions [B] token indices"""
         out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states, output_expert_counts)
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)
+        if attention_mask is not None:
+            # Padding is never an answer, and must not change an example's softmax: whether it ran
+            # alone or padded in a batch, its start/end distributions (and loss) are the same.
+            pad = ~attention_mask.bool()
+            start_logits, end_logits = start_logits.masked_fill(pad, -1e4), end_logits.masked_fill(pad, -1e4)
         loss = None
         if start_positions is not None and end_positions is not None:
             T = start_logits.shape[1]  # positions outside the window are ignored, as in transformers

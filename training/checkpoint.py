@@ -1,0 +1,66 @@
+"""Stage output folders: written under a temporary name and renamed when complete, so an interrupted
+stage never leaves a folder a later stage could mistake for a finished one. Each finished folder
+carries `stage.json`: which stage made it, from what inputs, with which config (the resume key)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+STAGE_FILE = "stage.json"
+
+
+def fingerprint(config: dict, inputs: list[str | Path | None]) -> str:
+    """Hash of a stage's config and of its input folders' own fingerprints (or file stats)."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for item in inputs:
+        if item is None:
+            continue
+        path = Path(item)
+        record = path / STAGE_FILE
+        if record.is_file():
+            h.update(json.loads(record.read_text()).get("fingerprint", "").encode())
+        elif path.is_file():
+            stat = path.stat()
+            h.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        else:
+            h.update(str(item).encode())  # a hub id or a folder made elsewhere: its name is all we know
+    return h.hexdigest()[:16]
+
+
+def finished(out_dir: str | Path, fp: str) -> bool:
+    """True when out_dir holds a completed stage output with this fingerprint."""
+    record = Path(out_dir) / STAGE_FILE
+    if not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("fingerprint") == fp
+    except json.JSONDecodeError:
+        return False
+
+
+@contextmanager
+def stage_output(out_dir: str | Path, stage: str, fp: str, config: dict, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder to write into; on success it becomes out_dir (with stage.json)."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        (tmp / STAGE_FILE).write_text(
+            json.dumps({"stage": stage, "fingerprint": fp, "config": config}, indent=1, default=str)
+        )
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

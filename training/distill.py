@@ -1,0 +1,130 @@
+"""Stage 4: train the MoEBERT student with layer-wise distillation from the frozen teacher (METHOD.md §4).
+
+    L = L_task + λ · ( Σ_{ℓ=0..L} MSE(h_ℓ, h_ℓ^teacher) + L_pred )
+
+h_0 is the embedding output, h_ℓ each layer's output; padding positions are masked out of the MSE.
+L_pred is the symmetric KL ½(KL(p‖p_t) + KL(p_t‖p)) over class probabilities in fp32, from
+log-softmax (QA: mean over start and end distributions; regression: MSE between predictions).
+The teacher is frozen in eval mode and is not saved with the student. `--no-distill` trains on the
+task loss alone (the ablation). A gated student's balance loss is part of its own loss (L_task).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moebert.loading import load_model
+from training.checkpoint import fingerprint, stage_output
+from training.common import DataConfig, label_names_of, tokenizer_for, write_json
+from training.loop import Distributed, OptimConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    student: str  # the converted MoEBERT folder (or a pruned dense one)
+    teacher: str  # the fine-tuned dense teacher
+    data: DataConfig
+    output_dir: str
+    distill_weight: float = 1.0  # λ
+    distill: bool = True  # False: task loss only (ablation)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    overwrite: bool = True
+
+
+def hidden_mse(student_hidden, teacher_hidden, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over layers of the mean squared error on non-padding positions. hidden: L+1 × [B, T, d]; mask [B, T]."""
+    valid = mask.bool()
+    total = student_hidden[0].new_zeros((), dtype=torch.float32)
+    for hs, ht in zip(student_hidden, teacher_hidden, strict=True):
+        total = total + F.mse_loss(hs[valid].float(), ht[valid].float())
+    return total
+
+
+def symmetric_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """½(KL(p‖p_t) + KL(p_t‖p)) over the last dim, fp32, averaged over rows."""
+    log_p, log_q = F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1)
+    kl_pq = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")  # KL(p ‖ q)
+    kl_qp = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")  # KL(q ‖ p)
+    return (kl_pq + kl_qp) / 2
+
+
+def prediction_loss(student_out, teacher_out, mask: torch.Tensor) -> torch.Tensor:
+    if hasattr(student_out, "start_logits"):  # QA: distributions over the real tokens only
+        pad = ~mask.bool()
+        fill = lambda x: x.float().masked_fill(pad, -1e4)
+        return (
+            symmetric_kl(fill(student_out.start_logits), fill(teacher_out.start_logits))
+            + symmetric_kl(fill(student_out.end_logits), fill(teacher_out.end_logits))
+        ) / 2
+    if student_out.logits.shape[-1] == 1:  # regression
+        return F.mse_loss(student_out.logits.float(), teacher_out.logits.float())
+    return symmetric_kl(student_out.logits, teacher_out.logits)
+
+
+def make_distill_loss(teacher, weight: float, enabled: bool):
+    def compute(student, batch):
+        out = student(**batch, output_hidden_states=enabled)
+        if not enabled:
+            return out.loss, {"task": out.loss.item()}
+        with torch.no_grad():
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            t_out = teacher(**inputs, output_hidden_states=True)
+        mse = hidden_mse(out.hidden_states, t_out.hidden_states, batch["attention_mask"])
+        pred = prediction_loss(out, t_out, batch["attention_mask"])
+        loss = out.loss + weight * (mse + pred)
+        return loss, {"task": out.loss.item(), "hidden_mse": mse.item(), "pred_kl": pred.item()}
+
+    return compute
+
+
+def _device_of(model) -> str:
+    return str(next(model.parameters()).device)
+
+
+def distill(cfg: DistillConfig) -> Path:
+    spec = cfg.data.spec()
+    torch.manual_seed(cfg.optim.seed)
+    tokenizer = tokenizer_for(cfg.student)
+    student = load_model(cfg.student)
+    teacher = load_model(cfg.teacher) if cfg.distill else None
+    if teacher is not None:
+        teacher.requires_grad_(False).eval()
+        if teacher.config.num_hidden_layers != student.config.num_hidden_layers:
+            raise ValueError("layer-wise distillation needs teacher and student with the same number of layers")
+    labels = label_names_of(student.config)
+    train = cfg.data.load(spec.train_split, tokenizer, training=True, label_names=labels, limit=cfg.data.train_limit)
+    dev = cfg.data.load(spec.dev_splits[0], tokenizer, training=False, label_names=labels, limit=cfg.data.eval_limit)
+    config_dict = asdict(cfg)
+    fp = fingerprint(config_dict, [cfg.student, cfg.teacher])
+    d = Distributed.setup()
+    if teacher is not None:
+        teacher.to("cuda" if torch.cuda.is_available() else "cpu")
+    from training.data import evaluate_model
+
+    with stage_output(cfg.output_dir, "distill", fp, config_dict, cfg.overwrite) as tmp:
+        result = fit(
+            student,
+            train,
+            cfg.optim,
+            make_distill_loss(teacher, cfg.distill_weight, cfg.distill),
+            evaluate=lambda m: evaluate_model(m, dev, batch_size=cfg.optim.eval_batch_size, device=_device_of(m)),
+            main_metric=spec.main_metric,
+            save=lambda m, metrics: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
+            log_dir=tmp,
+            desc=f"distill {spec.name}",
+        )
+        if d.is_main:
+            conversion = Path(cfg.student) / "conversion.json"
+            if conversion.is_file():  # keep the record of which teacher neurons each expert came from
+                (tmp / "conversion.json").write_text(conversion.read_text())
+            write_json(tmp / "metrics.json", {"task": spec.name, "split": spec.dev_splits[0], **result})
+    d.barrier()
+    log.info("distill %s: best %s", spec.name, result["best"])
+    return Path(cfg.output_dir)

@@ -1,0 +1,85 @@
+"""Stage 1: fine-tune a dense BERT teacher on a task (AdamW, linear decay, grad clipping, fp32 on CPU /
+bf16 autocast on GPU, eval each epoch, keep the best)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from moebert.loading import load_model
+from training.checkpoint import fingerprint, stage_output
+from training.common import DataConfig, default_teacher, tokenizer_for, write_json
+from training.loop import Distributed, OptimConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig
+    output_dir: str
+    model: str = field(default_factory=default_teacher)  # pretrained BERT: local folder or hub id
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    overwrite: bool = True
+
+
+def task_loss(model, batch):
+    out = model(**batch)
+    return out.loss, {}
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    spec = cfg.data.spec()
+    torch.manual_seed(cfg.optim.seed)
+    tokenizer = tokenizer_for(cfg.model)
+    train = cfg.data.load(spec.train_split, tokenizer, training=True, limit=cfg.data.train_limit)
+    dev = cfg.data.load(
+        spec.dev_splits[0], tokenizer, training=False, limit=cfg.data.eval_limit, label_names=_train_labels(train)
+    )
+    model = _init_model(cfg.model, spec, train)
+    config_dict = asdict(cfg)
+    fp = fingerprint(config_dict, [cfg.model])
+    d = Distributed.setup()
+    from training.data import evaluate_model
+
+    with stage_output(cfg.output_dir, "finetune", fp, config_dict, cfg.overwrite) as tmp:
+        result = fit(
+            model,
+            train,
+            cfg.optim,
+            task_loss,
+            evaluate=lambda m: evaluate_model(m, dev, batch_size=cfg.optim.eval_batch_size, device=_device_of(m)),
+            main_metric=spec.main_metric,
+            save=lambda m, metrics: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
+            log_dir=tmp,
+            desc=f"finetune {spec.name}",
+        )
+        if d.is_main:
+            write_json(tmp / "metrics.json", {"task": spec.name, "split": spec.dev_splits[0], **result})
+    d.barrier()
+    log.info("finetune %s: best %s", spec.name, result["best"])
+    return Path(cfg.output_dir)
+
+
+def _train_labels(train) -> tuple[str, ...] | None:
+    return train.task.labels
+
+
+def _device_of(model) -> str:
+    return str(next(model.parameters()).device)
+
+
+def _init_model(path: str, spec, train):
+    """The pretrained encoder with a fresh head for the task (label names recorded in the config)."""
+    if spec.kind == "qa":
+        return load_model(path, "qa")
+    labels = train.task.labels
+    if spec.kind == "regression":
+        return load_model(path, "classification", num_labels=1, problem_type="regression")
+    id2label = dict(enumerate(labels))
+    return load_model(
+        path, "classification", num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()}
+    )
