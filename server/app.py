@@ -1,0 +1,253 @@
+"""The FastAPI app: state (models, batchers, metrics), lifecycle, the guard middleware and the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.batching import Batcher
+from server.errors import ClientGone, error_body, install_error_handlers
+from server.metrics import Metrics
+from server.registry import Registry, load_served_model
+from server.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    ModelInfo,
+    ModelList,
+    QARequest,
+    QAResponse,
+)
+from server.settings import ServerSettings
+
+log = logging.getLogger("moebert.server")
+
+# Endpoints named in metrics; anything else counts as "other" (unknown paths must not add label values).
+ENDPOINTS = {
+    "/v1/classify": "classify",
+    "/v1/qa": "qa",
+    "/v1/models": "models",
+    "/health/live": "live",
+    "/health/ready": "ready",
+    "/metrics": "metrics",
+}
+
+
+class ServerState:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = Registry()
+        # One inference thread for every model: on CPU, two models at once only fight for the cores.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.ready = False
+        self.draining = False
+        self.failed: str | None = None  # why loading failed (the CLI then exits non-zero)
+        self._loading: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._loading = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            for name, path in self.settings.models.items():
+                model = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, load_served_model, name, path, self.settings
+                )
+                model.batcher = Batcher(
+                    name, model.backend.run, self.executor, self.metrics,
+                    pad_id=model.pad_id, moe_layers=list(model.config.moe_layers),
+                    max_batch_tokens=self.settings.max_batch_tokens,
+                    max_batch_requests=self.settings.max_batch_requests,
+                    max_wait_ms=self.settings.max_wait_ms, max_queue=self.settings.max_queue,
+                )  # fmt: skip
+                if self.settings.warmup:
+                    await asyncio.get_running_loop().run_in_executor(self.executor, warm_up, model)
+                model.batcher.start()
+                self.registry.models[name] = model
+            self.ready = True
+            log.info("ready: %s", ", ".join(self.registry.models) or "no models")
+        except Exception as err:  # a model that cannot load: say why once, then stop the server
+            self.failed = f"{type(err).__name__}: {err}"
+            log.error("loading models failed: %s", self.failed)
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        for model in self.registry.models.values():
+            if model.batcher is not None:
+                await model.batcher.close()
+        self.executor.shutdown(wait=True)
+
+
+def warm_up(model) -> None:
+    """Run a few batch shapes once so the first requests do not pay for lazy initialization."""
+    from server.batching import Row, pad_batch
+
+    for rows, length in ((1, 8), (4, 16), (8, 32)):
+        length = min(length, model.max_seq_len)
+        batch = [Row([101] + [1000] * (length - 2) + [102], [0] * length, None) for _ in range(rows)]
+        model.backend.run(*pad_batch(batch, model.pad_id))
+
+
+class Guard:
+    """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware): counts requests and in-flight,
+    and for /v1/*: 503 while loading or draining, 401 without the API key, 413 for an oversized body."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics = self.state.metrics
+        endpoint = ENDPOINTS.get(scope["path"], "other")
+        status = [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        metrics.in_flight.inc()
+        try:
+            rejection = self._reject(scope) if scope["path"].startswith("/v1/") else None
+            if rejection is not None:
+                await rejection(scope, receive, send_counted)
+            else:
+                await self.app(scope, self._limited(scope, receive), send_counted)
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.labels(endpoint, str(status[0])).inc()
+
+    def _reject(self, scope) -> Response | None:
+        state, settings = self.state, self.state.settings
+        if state.draining:
+            return self._error(503, "unavailable", "the server is shutting down", {"Connection": "close"})
+        if not state.ready:
+            return self._error(503, "unavailable", "models are loading", {"Retry-After": "1"})
+        if settings.api_key is not None:
+            headers = dict(scope["headers"])
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            expected = settings.api_key.get_secret_value()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+                return self._error(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)",
+                                   {"WWW-Authenticate": "Bearer"})  # fmt: skip
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    size = int(value)
+                except ValueError:
+                    return self._error(400, "bad_request", "invalid Content-Length")
+                if size > settings.max_request_bytes:
+                    return self._error(
+                        413, "payload_too_large", f"body of {size} bytes; the limit is {settings.max_request_bytes}"
+                    )
+        return None
+
+    def _error(self, status: int, type_: str, message: str, headers: dict | None = None) -> Response:
+        self.state.metrics.failures.labels(type_).inc()
+        return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+
+    def _limited(self, scope, receive):
+        """Counts body bytes as they arrive (chunked uploads have no Content-Length)."""
+        limit, seen = self.state.settings.max_request_bytes, [0]
+
+        async def receive_limited():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > limit:
+                    scope["moebert.too_large"] = True
+                    raise ValueError("body too large")  # FastAPI turns it into a 400; see errors.py
+            return message
+
+        return receive_limited
+
+
+def json_response(body, timings) -> Response:
+    return Response(body.model_dump_json(exclude_none=True), media_type="application/json", headers=timings.headers())
+
+
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await state.start()
+        yield
+        await state.stop()
+
+    app = FastAPI(
+        title="moebert",
+        summary="MoEBERT inference: batched classification and extractive QA",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.moebert = state
+    install_error_handlers(app, lambda reason: state.metrics.failures.labels(reason).inc())
+    app.add_middleware(Guard, state=state)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES, tags=["inference"])
+    async def classify_endpoint(body: ClassifyRequest, request: Request) -> Response:
+        from server.classify import classify
+
+        model = state.registry.get(body.model, "classification")
+        try:
+            response, timings = await classify(body, request, model, state)
+        except ClientGone:
+            state.metrics.failures.labels("client_gone").inc()
+            return Response(status_code=499)
+        return json_response(response, timings)
+
+    @app.post("/v1/qa", response_model=QAResponse, responses=ERROR_RESPONSES, tags=["inference"])
+    async def qa_endpoint(body: QARequest, request: Request) -> Response:
+        from server.question_answering import answer
+
+        model = state.registry.get(body.model, "qa")
+        try:
+            response, timings = await answer(body, request, model, state)
+        except ClientGone:
+            state.metrics.failures.labels("client_gone").inc()
+            return Response(status_code=499)
+        return json_response(response, timings)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["models"])
+    async def models_endpoint() -> ModelList:
+        return ModelList(models=[ModelInfo(**m.info()) for m in state.registry.models.values()])
+
+    @app.get("/health/live", tags=["health"])
+    async def live() -> dict:
+        return {"status": "live"}
+
+    @app.get("/health/ready", tags=["health"])
+    async def ready() -> JSONResponse:
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not state.ready:
+            return JSONResponse({"status": "failed" if state.failed else "loading"}, status_code=503)
+        return JSONResponse({"status": "ready", "models": list(state.registry.models)})
+
+    @app.get("/metrics", tags=["health"])
+    async def metrics() -> Response:
+        for name, model in state.registry.models.items():
+            state.metrics.queue_depth.labels(name).set(model.batcher.depth if model.batcher else 0)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

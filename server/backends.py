@@ -1,0 +1,109 @@
+"""Model runners behind one small interface: numpy batch in, numpy outputs out, called from the
+inference thread (never on the event loop).
+
+Inputs: input_ids, attention_mask, token_type_ids [B, T] int64. Outputs: `logits` [B, C]
+(classification) or `start_logits`, `end_logits` [B, T] (QA), and `expert_counts` [num MoE layers, E]
+(tokens routed per expert, padding excluded) for MoE models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger("moebert.server")
+
+ONNX_DIR = "onnx"
+ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict: ...
+
+
+class TorchBackend:
+    """The model as trained: grouped experts on CPU, the Triton kernel on CUDA when installed."""
+
+    name = "torch"
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
+        import torch
+
+        from moebert.loading import load_model
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.device = torch.device(device)
+        self.model = load_model(path).to(self.device).eval()
+        self.is_moe = bool(self.model.config.moe_layers)
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.from_numpy(input_ids).to(self.device),
+                attention_mask=torch.from_numpy(attention_mask).to(self.device),
+                token_type_ids=torch.from_numpy(token_type_ids).to(self.device),
+                output_expert_counts=self.is_moe,
+            )
+        names = ("logits",) if getattr(out, "logits", None) is not None else ("start_logits", "end_logits")
+        result = {name: getattr(out, name).float().cpu().numpy() for name in names}
+        if out.expert_counts is not None:
+            result["expert_counts"] = out.expert_counts.cpu().numpy()
+        return result
+
+
+def onnx_file(path: str | Path, precision: str = "fp32") -> Path:
+    """Where `moebert export-onnx` puts a checkpoint's ONNX model (or `path` itself if it is a file)."""
+    path = Path(path)
+    return path if path.is_file() else path / ONNX_DIR / ONNX_FILES[precision]
+
+
+class OnnxBackend:
+    """ONNX Runtime: CPU, or the CUDA provider with onnxruntime-gpu. Routing runs inside the graph."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path, precision: str = "fp32", device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        file = onnx_file(path, precision)
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file} not found: export it first with `moebert export-onnx {path}`"
+                + (" --quantize" if precision == "int8" else "")
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError("device 'cuda' asked for, but onnxruntime has no CUDA provider (onnxruntime-gpu)")
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(file), options, providers=providers)
+        self.file = file
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.is_moe = "expert_counts" in self.output_names
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        outputs = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def make_backend(path: str, backend: str, precision: str, device: str, threads: int | None) -> Backend:
+    if backend == "onnx":
+        return OnnxBackend(path, precision, device, threads)
+    return TorchBackend(path, device, threads)

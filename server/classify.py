@@ -1,0 +1,76 @@
+"""POST /v1/classify: texts or text pairs → label and score (or a value, for regression)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi import Request
+
+from server.errors import InvalidInput
+from server.handling import Timings, check_count, wait_for_rows
+from server.registry import ServedModel
+from server.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, LabelScore, TextPair, Usage
+
+
+def normalize_inputs(inputs) -> list[tuple[str, str | None]]:
+    """The accepted shapes → [(text, text_pair or None)]; blank texts are a 422."""
+    items = inputs if isinstance(inputs, list) else [inputs]
+    out: list[tuple[str, str | None]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            text, pair = item, None
+        elif isinstance(item, TextPair):
+            text, pair = item.text, item.text_pair
+        else:
+            text, pair = item
+        if not text.strip() or (pair is not None and not pair.strip()):
+            raise InvalidInput(f"inputs[{i}] is empty or whitespace only")
+        out.append((text, pair))
+    return out
+
+
+def scores_of(logits: np.ndarray, model: ServedModel, raw: bool) -> np.ndarray:
+    """logits [C] → scores [C]: softmax (sigmoid for multi-label), as transformers' pipeline does."""
+    if raw:
+        return logits
+    if getattr(model.config, "problem_type", None) == "multi_label_classification":
+        return 1 / (1 + np.exp(-logits))
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
+
+
+def result_of(logits: np.ndarray, model: ServedModel, req: ClassifyRequest) -> ClassifyResult:
+    logits = logits.astype(np.float64)
+    if model.is_regression:
+        return ClassifyResult(value=float(logits[0]))
+    scores = scores_of(logits, model, req.raw_scores)
+    order = np.argsort(-scores, kind="stable")
+    labels = model.labels
+    best = int(order[0])
+    result = ClassifyResult(label=labels[best], score=float(scores[best]))
+    k = len(labels) if req.all_scores else min(req.top_k, len(labels))
+    if k > 1:
+        result.labels = [LabelScore(label=labels[int(j)], score=float(scores[int(j)])) for j in order[:k]]
+    return result
+
+
+async def classify(
+    req: ClassifyRequest, request: Request, model: ServedModel, state
+) -> tuple[ClassifyResponse, Timings]:
+    timings = Timings()
+    items = normalize_inputs(req.inputs)
+    check_count(len(items), state.settings.max_inputs, "inputs")
+    t0 = time.perf_counter()
+    rows = model.encode(items, req.truncate)
+    timings.tokenization_s = time.perf_counter() - t0
+    futures = model.batcher.submit(rows)
+    results = await wait_for_rows(request, futures, timings)
+    tokens = sum(len(ids) for ids, _ in rows)
+    response = ClassifyResponse(
+        model=model.name,
+        results=[result_of(r.outputs["logits"], model, req) for r in results],
+        usage=Usage(inputs=len(items), input_tokens=tokens),
+    )
+    timings.observe(state.metrics, model.name, "classify", tokens)
+    return response, timings

@@ -1,0 +1,123 @@
+"""`moebert serve` and `moebert export-onnx`. Light at import time: `moebert --help` loads this module,
+so fastapi, uvicorn, torch and onnx are imported only when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+
+# flag → settings field; a flag left out keeps the env var (MOEBERT_SERVE_*) or the default.
+SERVE_FLAGS: list[tuple[str, dict]] = [
+    ("--backend", {"choices": ["torch", "onnx"], "help": "torch (default) or onnx (ONNX Runtime)"}),
+    ("--onnx-precision", {"choices": ["fp32", "int8"], "help": "onnx backend: fp32 (default) or int8 export"}),
+    ("--device", {"choices": ["cpu", "cuda"], "help": "cpu (default) or cuda"}),
+    ("--threads", {"type": int, "help": "intra-op threads (default: all cores)"}),
+    ("--host", {"help": "address to listen on (default 127.0.0.1; 0.0.0.0 in a container)"}),
+    ("--port", {"type": int, "help": "port (default 8000)"}),
+    ("--api-key", {"help": "require `Authorization: Bearer KEY` on /v1/*"}),
+    ("--max-batch-tokens", {"type": int, "help": "padded tokens per batch (default 8192)"}),
+    ("--max-batch-requests", {"type": int, "help": "rows per batch (default 64)"}),
+    ("--max-wait-ms", {"type": float, "help": "how long a lone row waits for company (default 2)"}),
+    ("--max-queue", {"type": int, "help": "rows queued per model before 429 (default 512)"}),
+    ("--max-inputs", {"type": int, "help": "inputs per request (default 64)"}),
+    ("--max-request-bytes", {"type": int, "help": "body size limit (default 1 MiB)"}),
+    ("--max-seq-len", {"type": int, "help": "tokens per row (default: the model's limit)"}),
+    ("--max-qa-windows", {"type": int, "help": "QA windows per request (default 64)"}),
+    ("--drain-timeout-s", {"type": float, "help": "SIGTERM: time allowed for in-flight work (default 30)"}),
+    ("--log-level", {"choices": ["debug", "info", "warning", "error"], "help": "default info"}),
+]
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the inference service",
+        description="Serve classification and QA models over HTTP (OpenAPI at /docs). Every flag can also be "
+        "set by an environment variable: MOEBERT_SERVE_<FLAG> (e.g. MOEBERT_SERVE_MODELS='sst2=/m/sst2,squad=/m/qa', "
+        "MOEBERT_SERVE_API_KEY).",
+    )
+    p.add_argument(
+        "--model", action="append", metavar="NAME=PATH", dest="models",
+        help="a checkpoint to serve under NAME (repeatable; the task comes from the checkpoint)",
+    )  # fmt: skip
+    for flag, kw in SERVE_FLAGS:
+        p.add_argument(flag, default=None, **kw)
+    p.add_argument("--no-warmup", action="store_const", const=False, dest="warmup", help="skip the warm-up batches")
+    p.set_defaults(run=run_serve)
+
+    e = sub.add_parser(
+        "export-onnx",
+        help="export a model to ONNX for ONNX Runtime",
+        description="Export a dense or MoEBERT checkpoint to ONNX (routing inside the graph), optimize it with "
+        "ONNX Runtime's BERT optimizer (fused attention) and optionally quantize it to int8. Writes "
+        "<MODEL>/onnx/model.onnx (and model.int8.onnx), where `moebert serve --backend onnx` looks.",
+    )
+    e.add_argument("model", help="checkpoint folder")
+    e.add_argument("--output-dir", "-o", help="where to write (default <MODEL>/onnx)")
+    e.add_argument("--quantize", action="store_true", help="also write a dynamic int8 model (model.int8.onnx)")
+    e.add_argument("--no-optimize", action="store_true", help="skip the ORT transformer optimizer")
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    e.set_defaults(run=run_export)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from server.settings import ServerSettings
+
+    fields = [flag.lstrip("-").replace("-", "_") for flag, _ in SERVE_FLAGS]
+    overrides = {field: getattr(args, field) for field in fields}
+    overrides["models"] = args.models
+    overrides["warmup"] = args.warmup
+    return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def check_models(settings) -> None:
+    """Fail fast, with one clear line, on what would fail after startup: missing folders, wrong heads."""
+    from moebert.loading import load_config, task_of
+    from server.backends import onnx_file
+
+    if not settings.models:
+        raise ValueError("no models to serve: pass --model NAME=PATH (or set MOEBERT_SERVE_MODELS)")
+    for name, path in settings.models.items():
+        task = task_of(load_config(path))
+        if task not in ("classification", "qa"):
+            raise ValueError(f"model {name!r} ({path}) has no classification or QA head")
+        if settings.backend == "onnx" and not onnx_file(path, settings.onnx_precision).is_file():
+            raise FileNotFoundError(
+                f"model {name!r}: {onnx_file(path, settings.onnx_precision)} missing; run `moebert export-onnx {path}"
+                + (" --quantize`" if settings.onnx_precision == "int8" else "`")
+            )
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    check_models(settings)
+    app = create_app(settings)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: readiness turns 503 and new API requests are refused at once, while uvicorn
+        stops listening and lets in-flight requests finish (up to drain_timeout_s)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            app.state.moebert.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+        timeout_graceful_shutdown=settings.drain_timeout_s, server_header=False,
+    )  # fmt: skip
+    DrainingServer(config).run()
+    if app.state.moebert.failed:
+        raise RuntimeError(f"could not load the models: {app.state.moebert.failed}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from moebert.onnx_export import export_onnx
+
+    result = export_onnx(
+        args.model, args.output_dir, quantize=args.quantize, optimize=not args.no_optimize, opset=args.opset
+    )
+    for path in result.files:
+        print(path)

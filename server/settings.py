@@ -1,0 +1,84 @@
+"""One pydantic Settings for the whole service: env vars prefixed `MOEBERT_SERVE_`, and `moebert serve`
+flags (which are just another source for the same fields)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "MOEBERT_SERVE_"
+
+
+def parse_models(value: object) -> dict[str, str]:
+    """NAME=PATH pairs: a dict, a list of "NAME=PATH", a JSON object, or "a=/x,b=/y" (env vars)."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            return parse_models(json.loads(text))
+        value = [item for item in text.split(",") if item.strip()]
+    if isinstance(value, list | tuple):
+        models: dict[str, str] = {}
+        for item in value:
+            name, sep, path = str(item).partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not name or not path:
+                raise ValueError(f"model {item!r}: expected NAME=PATH")
+            if name in models:
+                raise ValueError(f"model name {name!r} given twice")
+            models[name] = path
+        return models
+    raise ValueError(f"models: expected NAME=PATH pairs, got {type(value).__name__}")
+
+
+class ServerSettings(BaseSettings):
+    """Everything the service can be told. Limits are per model unless said otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # What to serve and how
+    models: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="NAME → checkpoint folder (the task comes from the checkpoint)"
+    )
+    backend: Literal["torch", "onnx"] = "torch"
+    onnx_precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="onnx backend: which export to run (see `moebert export-onnx --quantize`)"
+    )
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int | None = Field(None, ge=1, le=256, description="intra-op threads (default: all cores)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="when set, /v1/* needs `Authorization: Bearer KEY`")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Dynamic batching
+    max_batch_tokens: int = Field(8192, ge=16, description="padded tokens (rows × longest row) per batch")
+    max_batch_requests: int = Field(64, ge=1, description="rows per batch")
+    max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="how long a lone row waits for company")
+    max_queue: int = Field(512, ge=1, description="rows waiting per model before 429")
+
+    # Request limits
+    max_inputs: int = Field(64, ge=1, description="inputs (texts or question/context pairs) per request")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="request body size (413 above)")
+    max_seq_len: int | None = Field(None, ge=8, description="cap on tokens per row (default: the model's)")
+    max_qa_windows: int = Field(64, ge=1, description="QA windows per request, all pairs together")
+
+    # Lifecycle
+    warmup: bool = True
+    drain_timeout_s: float = Field(30.0, ge=0.0, description="SIGTERM: how long in-flight work may take")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: object) -> dict[str, str]:
+        return parse_models(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        bad = [name for name in self.models if not name.replace("-", "").replace("_", "").replace(".", "").isalnum()]
+        if bad:
+            raise ValueError(f"model names may use letters, digits, '-', '_' and '.': {bad}")
+        return self
