@@ -1,0 +1,1 @@
+"""Training pipeline: task data, metrics, fine-tuning, importance, distillation, evaluation."""
