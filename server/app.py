@@ -50,6 +50,7 @@ class ServerState:
         self.ready = False
         self.draining = False
         self.failed: str | None = None  # why loading failed (the CLI then exits non-zero)
+        self.on_fatal = _terminate_self  # the CLI replaces it with "stop uvicorn"
         self._loading: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -77,10 +78,7 @@ class ServerState:
         except Exception as err:  # a model that cannot load: say why once, then stop the server
             self.failed = f"{type(err).__name__}: {err}"
             log.error("loading models failed: %s", self.failed)
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGTERM)
+            self.on_fatal()
 
     async def stop(self) -> None:
         self.draining = True
@@ -90,6 +88,13 @@ class ServerState:
             if model.batcher is not None:
                 await model.batcher.close()
         self.executor.shutdown(wait=True)
+
+
+def _terminate_self() -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def warm_up(model) -> None:

@@ -108,9 +108,11 @@ def run_serve(args: argparse.Namespace) -> None:
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
         timeout_graceful_shutdown=settings.drain_timeout_s, server_header=False,
     )  # fmt: skip
-    DrainingServer(config).run()
+    server = DrainingServer(config)
+    app.state.moebert.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
     if app.state.moebert.failed:
-        raise RuntimeError(f"could not load the models: {app.state.moebert.failed}")
+        raise ValueError(f"could not load the models: {app.state.moebert.failed}")
 
 
 def run_export(args: argparse.Namespace) -> None:
