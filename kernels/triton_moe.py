@@ -43,6 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._triton_interpret import make_triton_language_interpretable
+
+make_triton_language_interpretable()  # TRITON_INTERPRET=1 set after `triton` was imported (see that module)
+
 MAX_HIDDEN = 1024  # the full output row lives in registers: BERT-base / large widths, no more
 MAX_N_TILES = 4  # accumulator tiles per row (acc0 … acc3 in the kernel)
 

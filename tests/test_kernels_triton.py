@@ -1,0 +1,307 @@
+"""The fused Triton MoE FFN against the PyTorch reference (kernels.reference).
+
+Without CUDA the kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1, set below before any
+Triton kernel is imported; fp32 and fp16 only: the interpreter gets bf16 dots wrong). With CUDA the same
+tests run the compiled kernels, and the `gpu` tests add bf16, every tuning candidate, large T, no host
+synchronisation and CUDA-graph capture.
+
+Tolerances (|got - want| ≤ atol + rtol · |want|, elementwise):
+  fp32 kernel  vs the reference in float64 on the same values:                atol = rtol = 2e-5
+  fp16 kernel  vs the reference in fp32 on the fp16-rounded inputs:          atol = rtol = 1e-2
+  bf16 kernel  vs the reference in fp32 on the bf16-rounded inputs (GPU):    atol = rtol = 4e-2
+The low-precision bounds cover rounding the output and the GELU activations (GEMM 2's input) to 16 bits;
+outputs are O(1) (LayerNorm), so a wrong expert, bias, scale or row is off by ~0.1-1 and fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before kernels.triton_moe is imported: @triton.jit reads it then
+
+pytest.importorskip("triton")
+
+from kernels import moe_ffn  # noqa: E402
+from kernels.reference import moe_ffn_reference  # noqa: E402
+from kernels.triton_moe import (  # noqa: E402
+    FFNConfig,
+    candidate_configs,
+    moe_ffn_triton,
+    moe_ffn_triton_hashed,
+    n_tiling,
+)
+
+DEVICE = "cuda" if CUDA else "cpu"
+TOLERANCE = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def make_weights(E, d, d_e, seed=0, ln=True):
+    """Float64 weights of BERT-like scale (unit-variance activations), on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, std=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * std
+    w = dict(
+        fc1_weight=r(E, d, d_e, std=d**-0.5), fc1_bias=r(E, d_e, std=0.1),
+        fc2_weight=r(E, d_e, d, std=d_e**-0.5), fc2_bias=r(E, d, std=0.1),
+    )  # fmt: skip
+    if ln:
+        w |= dict(ln_weight=1 + r(E, d, std=0.2), ln_bias=r(E, d, std=0.1))
+    return w
+
+
+def make_routing(T, E, routing, seed=0):
+    """expert_ids [T] and scale [T] or None for one of the routing cases."""
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(E, (T,), generator=g)
+    if routing == "one-expert":
+        ids.fill_(E - 1)
+    elif routing == "empty-expert":  # expert 1 (a middle one when E > 2) gets nothing
+        ids = torch.where(ids == 1, torch.zeros_like(ids), ids)
+    scale = torch.rand(T, generator=g, dtype=torch.float64) if routing == "gated" else None
+    return ids, scale
+
+
+def check_against_reference(T, d, d_e, E, routing, dtype, ln=True, config=None, seed=0):
+    """Run the Triton kernel in `dtype` and compare with the reference (float64 for fp32 inputs, fp32 on the
+    rounded inputs otherwise) under TOLERANCE[dtype]. Returns the kernel output."""
+    w64 = make_weights(E, d, d_e, seed, ln)
+    x64 = torch.randn(T, d, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+    ids, scale64 = make_routing(T, E, routing, seed)
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    as_ref = lambda t: None if t is None else t.to(dtype).to(ref_dtype)  # the very values the kernel sees
+    want = moe_ffn_reference(
+        as_ref(x64), ids, **{k: as_ref(v) for k, v in w64.items()}, scale=None if scale64 is None else scale64
+    )
+    got = moe_ffn_triton(
+        x64.to(DEVICE, dtype), ids.to(DEVICE), **{k: v.to(DEVICE, dtype) for k, v in w64.items()},
+        scale=None if scale64 is None else scale64.to(DEVICE, torch.float32), config=config,
+    )  # fmt: skip
+    assert got.dtype == dtype and got.shape == (T, d)
+    torch.testing.assert_close(got.cpu().to(ref_dtype), want, **TOLERANCE[dtype])
+    return got
+
+
+# Launch paths: the table's default for T (split d_e when T ≤ 1024), the fully fused kernel (one program per
+# block of rows owns the whole d_e range and runs the LayerNorm epilogue), and an explicit split-d_e.
+PATHS = {
+    "default": None,
+    "fused": FFNConfig(block_m=64, block_k=64, block_e=32, split_e=1),
+    "split": FFNConfig(block_m=16, block_k=32, block_e=64, split_e=3),
+}
+
+# A pairwise design (every pair of values of any two factors appears in some row; generated greedily, E = 1
+# with an empty expert excluded) instead of the 4,320-case product, which the interpreter cannot afford.
+# T, d, d_e, E, routing, dtype, LayerNorm, path
+PAIRWISE_CASES = [
+    (1, 384, 96, 1, "random", "fp32", False, "split"),
+    (1, 384, 96, 4, "gated", "fp16", False, "default"),
+    (1, 384, 96, 4, "one-expert", "fp16", True, "fused"),
+    (1, 600, 384, 4, "empty-expert", "fp16", True, "default"),
+    (1, 768, 96, 8, "empty-expert", "fp32", True, "fused"),
+    (7, 384, 96, 4, "empty-expert", "fp32", False, "split"),
+    (7, 384, 96, 4, "gated", "fp32", False, "default"),
+    (7, 600, 384, 1, "random", "fp16", False, "default"),
+    (7, 768, 96, 8, "one-expert", "fp16", True, "fused"),
+    (33, 384, 96, 8, "empty-expert", "fp32", True, "split"),
+    (33, 600, 96, 8, "gated", "fp32", False, "default"),
+    (33, 600, 384, 1, "random", "fp16", True, "fused"),
+    (33, 600, 96, 4, "one-expert", "fp32", False, "split"),
+    (33, 768, 96, 8, "random", "fp16", False, "split"),
+    (128, 384, 384, 8, "one-expert", "fp32", True, "split"),
+    (128, 384, 96, 8, "random", "fp16", False, "default"),
+    (128, 384, 96, 1, "gated", "fp32", True, "default"),
+    (128, 600, 96, 4, "empty-expert", "fp16", True, "default"),
+    (128, 768, 384, 4, "gated", "fp32", False, "fused"),
+    (300, 384, 384, 1, "gated", "fp16", True, "split"),
+    (300, 384, 96, 4, "random", "fp16", True, "fused"),
+    (300, 600, 96, 8, "empty-expert", "fp32", False, "fused"),
+    (300, 768, 96, 1, "one-expert", "fp32", False, "default"),
+]
+
+
+@pytest.mark.parametrize(("T", "d", "d_e", "E", "routing", "dtype", "ln", "path"), PAIRWISE_CASES)
+def test_triton_matches_reference(T, d, d_e, E, routing, dtype, ln, path):
+    check_against_reference(T, d, d_e, E, routing, DTYPES[dtype], ln, PATHS[path])
+
+
+def test_bert_base_shape_fp16_fused():
+    """The production shape (BERT-base, 4 × 768 experts) through the fused path, with an empty expert."""
+    check_against_reference(300, 768, 384, 8, "empty-expert", torch.float16, True, PATHS["fused"], seed=5)
+
+
+def test_the_design_covers_every_pair():
+    """Guards the table above: dropping a row must not silently lose coverage."""
+    routings = ("random", "one-expert", "empty-expert", "gated")
+    factors = [(1, 7, 33, 128, 300), (384, 600, 768), (96, 384), (1, 4, 8), routings, tuple(DTYPES), (True, False),
+               tuple(PATHS)]  # fmt: skip
+    for i in range(len(factors)):
+        for j in range(i + 1, len(factors)):
+            covered = {(row[i], row[j]) for row in PAIRWISE_CASES}
+            for a in factors[i]:
+                for b in factors[j]:
+                    if {a, b} == {1, "empty-expert"} and {i, j} == {3, 4}:
+                        continue
+                    assert (a, b) in covered, f"no case with factor {i} = {a!r} and factor {j} = {b!r}"
+
+
+@pytest.mark.parametrize(("T", "E", "routing"), [(2500, 5, "random"), (2100, 16, "empty-expert"), (1500, 3, "gated")])
+def test_routing_across_token_chunks(T, E, routing):
+    """More tokens than one routing chunk (1024), so slot offsets carry over from earlier chunks; many
+    experts (E_POW2 > E), and most experts end in a partly padded block. Small d keeps
+    the interpreter fast: these cases are about routing, the FFN shapes are covered above."""
+    check_against_reference(T, 48, 32, E, routing, torch.float32, True, FFNConfig(64, 64, 32, split_e=1), seed=T)
+
+
+def test_hash_routing_inside_the_kernel():
+    """expert = table[input_id] computed by the routing kernel, returned, and used for the FFN."""
+    E, d, d_e, T, vocab = 4, 384, 96, 45, 1000
+    g = torch.Generator().manual_seed(3)
+    table = torch.randint(E, (vocab,), generator=g)
+    table[table == 2] = 0  # expert 2 receives no token
+    input_ids = torch.randint(vocab, (T,), generator=g)
+    w = make_weights(E, d, d_e, seed=3)
+    x = torch.randn(T, d, generator=g, dtype=torch.float64)
+    y, expert_ids = moe_ffn_triton_hashed(
+        x.to(DEVICE, torch.float32), input_ids.to(DEVICE), table.to(DEVICE),
+        **{k: v.to(DEVICE, torch.float32) for k, v in w.items()},
+    )  # fmt: skip
+    assert expert_ids.dtype == torch.long
+    torch.testing.assert_close(expert_ids.cpu(), table[input_ids], rtol=0, atol=0)
+    want = moe_ffn_reference(x, table[input_ids], **w)
+    torch.testing.assert_close(y.cpu().double(), want, **TOLERANCE[torch.float32])
+
+
+def test_dispatch_and_edge_cases():
+    w = {k: v.to(DEVICE, torch.float32) for k, v in make_weights(4, 48, 32).items()}
+    x = torch.randn(9, 48, device=DEVICE)
+    ids = torch.tensor([3, 0, 0, 3, 1, 3, 0, 1, 0], device=DEVICE)
+    want = moe_ffn_reference(x.cpu(), ids.cpu(), **{k: v.cpu() for k, v in w.items()})
+    torch.testing.assert_close(moe_ffn(x, ids, **w, backend="triton").cpu(), want, **TOLERANCE[torch.float32])
+    assert moe_ffn_triton(x[:0], ids[:0], **w).shape == (0, 48)  # no tokens: no launch, empty result
+    # a strided x (a column slice) is handled
+    wide = torch.randn(9, 96, device=DEVICE)
+    torch.testing.assert_close(
+        moe_ffn_triton(wide[:, :48], ids, **w).cpu(), moe_ffn_triton(wide[:, :48].contiguous(), ids, **w).cpu()
+    )
+    with pytest.raises(ValueError, match="share a dtype"):
+        moe_ffn_triton(x.half(), ids, **w)
+    with pytest.raises(ValueError, match=r"x must be \[T, 48\]"):
+        moe_ffn_triton(x[:, :40], ids, **w)
+    big = {k: v.to(DEVICE, torch.float32) for k, v in make_weights(1, 1040, 16).items()}
+    with pytest.raises(ValueError, match="d ≤ 1024"):
+        moe_ffn_triton(torch.randn(2, 1040, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE), **big)
+
+
+def test_accumulator_tiling_and_config_table():
+    assert n_tiling(768) == (256, 3) and n_tiling(384) == (128, 3) and n_tiling(600) == (256, 3)
+    assert n_tiling(1024) == (256, 4) and n_tiling(36) == (16, 3)
+    for T in (1, 64, 65, 1024, 1025, 65536):
+        for d, d_e in ((384, 384), (768, 768), (600, 96)):
+            configs = candidate_configs(T, d, d_e, 4)
+            assert configs and len(set(configs)) == len(configs)
+            assert all(min(c.block_m, c.block_k, c.block_e) >= 16 and c.split_e >= 1 for c in configs)
+
+
+@pytest.mark.parametrize("route", ["hash-random", "gate-token", "gate-sentence"])
+def test_model_logits_triton_equal_torch(route, tiny_cls_dir, padded_batch, tmp_path):
+    """Whole MoEBERT (3 MoE layers, d = 36, 4 experts of 21, padding): the triton backend's logits and
+    expert counts equal the grouped torch backend's."""
+    from moebert.convert import ConvertConfig, convert
+    from moebert.loading import load_model
+
+    out = convert(ConvertConfig(
+        teacher=str(tiny_cls_dir), output_dir=str(tmp_path / "moe"), split="random", expert_dim=21, shared_dim=7,
+        route=route,
+    ))  # fmt: skip
+    model = load_model(out).to(DEVICE).eval()
+    batch = {k: v.to(DEVICE) for k, v in padded_batch.items()}
+    results = {}
+    for backend in ("torch", "triton"):
+        model.set_moe_backend(backend)
+        with torch.no_grad():
+            results[backend] = model(**batch, output_expert_counts=True)
+    torch.testing.assert_close(results["triton"].logits, results["torch"].logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(results["triton"].expert_counts, results["torch"].expert_counts, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU only
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("d", "d_e"), [(768, 768), (384, 384), (600, 96)])
+@pytest.mark.parametrize("T", [1, 100, 4096])
+def test_gpu_every_candidate_config_matches_reference(T, d, d_e, dtype):
+    """All tuning candidates compile and agree (register / shared-memory limits only show on a device)."""
+    for config in candidate_configs(T, d, d_e, 4):
+        check_against_reference(T, d, d_e, 4, "empty-expert", dtype, True, config, seed=T)
+    check_against_reference(T, d, d_e, 4, "gated", dtype, True, None, seed=T + 1)  # tuned choice
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_large_T(dtype):
+    check_against_reference(65536, 768, 768, 4, "random", dtype, True)
+    check_against_reference(16384, 384, 384, 4, "gated", dtype, False)
+
+
+def _layer_inputs(T, d=768, d_e=768, E=4, dtype=torch.float16, seed=0):
+    w = {k: v.to("cuda", dtype) for k, v in make_weights(E, d, d_e, seed).items()}
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, d, generator=g).to("cuda", dtype), torch.randint(E, (T,), generator=g).cuda(), w
+
+
+@gpu
+@needs_cuda
+def test_gpu_no_host_synchronisation():
+    """After the first call (which may tune), a layer issues no synchronising CUDA operation."""
+    x, ids, w = _layer_inputs(2048)
+    moe_ffn_triton(x, ids, **w)
+    input_ids = torch.randint(1000, (2048,), device="cuda")
+    table = torch.randint(4, (1000,), device="cuda")
+    moe_ffn_triton_hashed(x, input_ids, table, **w)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moe_ffn_triton(x, ids, **w)
+        moe_ffn_triton_hashed(x, input_ids, table, **w)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [8, 2048])
+def test_gpu_cuda_graph_capture_and_replay(T):
+    """Capture one call in a CUDA graph, then replay it on new tokens and new routing written in place."""
+    x, ids, w = _layer_inputs(T)
+    scale = torch.rand(T, device="cuda")
+    moe_ffn_triton(x, ids, **w, scale=scale)  # compile and tune outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moe_ffn_triton(x, ids, **w, scale=scale)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = moe_ffn_triton(x, ids, **w, scale=scale)
+    x.copy_(torch.randn_like(x))
+    ids.copy_(torch.randint(4, (T,), device="cuda") * (torch.arange(T, device="cuda") % 3 != 0))  # expert 0 heavy
+    scale.copy_(torch.rand_like(scale))
+    graph.replay()
+    want = moe_ffn_reference(x.float(), ids, **{k: v.float() for k, v in w.items()}, scale=scale)
+    torch.testing.assert_close(y.float(), want, **TOLERANCE[torch.float16])
