@@ -1,0 +1,86 @@
+"""POST /v1/qa: extractive QA. Each (question, context) pair is cut into overlapping windows
+(moebert.qa, as transformers' QA pipeline); every window is a row of the batch, and the best spans are
+chosen across a pair's windows."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from fastapi import Request
+
+from moebert.qa import decode_answers, make_windows_batch
+from server.errors import InvalidInput, PayloadTooLarge
+from server.handling import Timings, check_count, wait_for_rows
+from server.registry import ServedModel
+from server.schemas import Answer, QARequest, QAResponse, QAResult, Usage
+
+DEFAULT_MAX_SEQ_LEN = 384  # the pipeline's default
+
+
+def pairs_of(req: QARequest) -> list[tuple[str, str]]:
+    single = req.question is not None or req.context is not None
+    if single and req.inputs is not None:
+        raise InvalidInput("give either question + context, or inputs, not both")
+    if single:
+        if req.question is None or req.context is None:
+            raise InvalidInput(f"{'context' if req.context is None else 'question'} is missing")
+        pairs = [(req.question, req.context)]
+    elif req.inputs is None:
+        raise InvalidInput("give question + context, or inputs: a list of {question, context}")
+    else:
+        pairs = [(p.question, p.context) for p in req.inputs]
+    for i, (question, context) in enumerate(pairs):
+        if not question.strip() or not context.strip():
+            which = "question" if not question.strip() else "context"
+            raise InvalidInput(f"pair {i}: the {which} is empty or whitespace only")
+    return pairs
+
+
+def pad_rows(rows: list[np.ndarray]) -> np.ndarray:
+    """Per-window logits [n_w] → [W, max n_w]; decode_answers ignores positions past a window's length."""
+    out = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+async def answer(req: QARequest, request: Request, model: ServedModel, state) -> tuple[QAResponse, Timings]:
+    timings = Timings()
+    pairs = pairs_of(req)
+    check_count(len(pairs), state.settings.max_inputs, "question/context pairs")
+    max_seq_len = req.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, model.max_seq_len)
+    if max_seq_len > model.max_seq_len:
+        raise InvalidInput(f"max_seq_len {max_seq_len} is over model {model.name!r}'s limit of {model.max_seq_len}")
+    t0 = time.perf_counter()
+    try:  # long contexts take a while to tokenize: off the event loop
+        windows = await asyncio.to_thread(
+            make_windows_batch, model.tokenizer, [q for q, _ in pairs], [c for _, c in pairs],
+            max_seq_len=max_seq_len, doc_stride=req.doc_stride, max_question_len=req.max_question_len,
+        )  # fmt: skip
+    except ValueError as err:
+        raise InvalidInput(str(err)) from err
+    timings.tokenization_s = time.perf_counter() - t0
+    total = sum(len(w) for w in windows)
+    if total > state.settings.max_qa_windows:
+        raise PayloadTooLarge(
+            f"the contexts make {total} windows of {max_seq_len} tokens; the limit is {state.settings.max_qa_windows} "
+            "per request (send shorter contexts, fewer pairs, or a larger doc stride)"
+        )
+    rows = [(w.input_ids, w.token_type_ids) for pair in windows for w in pair]
+    results = await wait_for_rows(request, model.batcher.submit(rows), timings)
+    out, k = [], 0
+    for (_, context), pair_windows in zip(pairs, windows, strict=True):
+        mine = results[k : k + len(pair_windows)]
+        k += len(pair_windows)
+        answers = decode_answers(
+            pad_rows([r.outputs["start_logits"] for r in mine]), pad_rows([r.outputs["end_logits"] for r in mine]),
+            pair_windows, context, top_k=req.top_k, max_answer_len=req.max_answer_len,
+            handle_impossible_answer=req.handle_impossible_answer,
+        )  # fmt: skip
+        out.append(QAResult(answers=[Answer(answer=a.text, score=a.score, start=a.start, end=a.end) for a in answers]))
+    tokens = sum(len(ids) for ids, _ in rows)
+    timings.observe(state.metrics, model.name, "qa", tokens)
+    usage = Usage(inputs=len(pairs), input_tokens=tokens, windows=total)
+    return QAResponse(model=model.name, results=out, usage=usage), timings
