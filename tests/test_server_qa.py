@@ -55,6 +55,18 @@ CASES = [
 ]
 
 
+def assert_same_answers(got: list[dict], ref: list[tuple[str, int, int, float]]) -> None:
+    """Same answers, best first, scores equal to float noise. A random tiny model has near-tied spans, and
+    batching changes the last float bits, so two answers whose scores are within that noise may swap."""
+    assert len(got) == len(ref)
+    ref_scores = [s for *_, s in ref]
+    for i, (a, (text, start, end, score)) in enumerate(zip(got, ref, strict=True)):
+        assert a["score"] == pytest.approx(score, rel=1e-4, abs=1e-7)
+        if (a["answer"], a["start"], a["end"]) != (text, start, end):
+            neighbours = ref_scores[max(i - 1, 0) : i] + ref_scores[i + 1 : i + 2]
+            assert any(abs(n - score) <= 1e-4 * score + 1e-7 for n in neighbours), (i, a, ref)
+
+
 @pytest.mark.parametrize(("case", "context", "options"), CASES, ids=[c[0] for c in CASES])
 def test_answers_equal_the_transformers_pipeline(client, hf_qa, case, context, options):
     model, tok = hf_qa
@@ -68,9 +80,7 @@ def test_answers_equal_the_transformers_pipeline(client, hf_qa, case, context, o
         ref = reference_answers(model, tok, "Who designed the", context, **kw)
     else:
         ref = reference_answers(model, tok, QUESTION, context, **kw)
-    assert [(a["answer"], a["start"], a["end"]) for a in got] == [(t, s, e) for t, s, e, _ in ref]
-    for a, (_, _, _, score) in zip(got, ref, strict=True):
-        assert a["score"] == pytest.approx(score, rel=1e-4, abs=1e-7)
+    assert_same_answers(got, ref)
     if context is LONG:
         assert body["usage"]["windows"] > 1
 
@@ -89,11 +99,7 @@ def test_several_pairs_in_one_request_equal_each_alone(client, server):
     alone = [r.json()["results"][0] for r in asyncio.run(concurrently())]
     assert len(together["results"]) == 3 and together["usage"]["inputs"] == 3
     for a, b in zip(together["results"], alone, strict=True):
-        assert [(x["answer"], x["start"], x["end"]) for x in a["answers"]] == [
-            (x["answer"], x["start"], x["end"]) for x in b["answers"]
-        ]
-        for x, y in zip(a["answers"], b["answers"], strict=True):
-            assert x["score"] == pytest.approx(y["score"], rel=1e-5)
+        assert_same_answers(a["answers"], [(x["answer"], x["start"], x["end"], x["score"]) for x in b["answers"]])
 
 
 def test_moe_qa_model(client, moe_qa_dir):
@@ -109,7 +115,7 @@ def test_moe_qa_model(client, moe_qa_dir):
         starts.append(out.start_logits[0]), ends.append(out.end_logits[0])
     pad = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [W, T]
     ref = decode_answers(pad(starts), pad(ends), windows, LONG, top_k=3)
-    assert [(a["answer"], a["start"], a["end"]) for a in got] == [(a.text, a.start, a.end) for a in ref]
+    assert_same_answers(got, [(a.text, a.start, a.end, a.score) for a in ref])
     assert LONG[got[0]["start"] : got[0]["end"]] == got[0]["answer"]
 
 
