@@ -55,7 +55,8 @@ MAX_N_TILES = 4  # accumulator tiles per row (acc0 … acc3 in the kernel)
 # Routing: expert per token, histogram, aligned sorted slots
 
 
-@triton.jit
+# Token counts are not specialised on (divisibility by 16, == 1): one compiled kernel serves every batch size.
+@triton.jit(do_not_specialize=["T"])
 def _count_kernel(
     expert_ids_ptr,  # [T] int: read, or written when HASH_ROUTING
     input_ids_ptr,  # [T] int (HASH_ROUTING only)
@@ -79,7 +80,7 @@ def _count_kernel(
     tl.store(chunk_counts_ptr + pid * E_POW2 + tl.arange(0, E_POW2), tl.sum(one_hot.to(tl.int32), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "num_chunks", "max_blocks"])
 def _align_kernel(
     expert_ids_ptr,  # [T] int
     chunk_counts_ptr,  # [num_chunks, E_POW2] int32
@@ -216,7 +217,7 @@ def _store_partial(acc, tokens, row_mask, n0, d, partial_ptr, BLOCK_N: tl.conste
     tl.store(partial_ptr + tokens[:, None] * d + offs_n[None, :], acc, mask=row_mask[:, None] & (offs_n[None, :] < d))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "e_per_split"])
 def _moe_ffn_kernel(
     x_ptr,  # [T, d], rows of stride_xt, unit column stride
     out_ptr,  # [T, d], rows of stride_ot (SPLIT_E == 1)
@@ -369,7 +370,7 @@ def _moe_ffn_kernel(
                         ln_b_ptr, HAS_LN, BLOCK_N)  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _epilogue_kernel(
     partial_ptr,  # [SPLIT_E, T, d] fp32
     expert_ids_ptr,  # [T] int (ROUTED)

@@ -239,16 +239,21 @@ def test_model_logits_triton_equal_torch(route, tiny_cls_dir, padded_batch, tmp_
 # GPU only
 
 
+# The GPU cases use LayerNorm without a gate scale, like bench_kernel.py, so the two share compiled kernels
+# (Triton's cache is keyed by the constexprs): compilation, not running, is what costs time here.
+GPU_SHAPES = [(768, 768, torch.bfloat16), (768, 768, torch.float16), (384, 384, torch.float16),
+              (384, 384, torch.bfloat16), (600, 96, torch.bfloat16)]  # fmt: skip
+
+
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("d", "d_e"), [(768, 768), (384, 384), (600, 96)])
+@pytest.mark.parametrize(("d", "d_e", "dtype"), GPU_SHAPES)
 @pytest.mark.parametrize("T", [1, 100, 4096])
 def test_gpu_every_candidate_config_matches_reference(T, d, d_e, dtype):
-    """All tuning candidates compile and agree (register / shared-memory limits only show on a device)."""
-    for config in candidate_configs(T, d, d_e, 4):
+    """All tuning candidates compile and agree (register / shared-memory limits only show on a device),
+    and so does the tuner's choice."""
+    for config in [*candidate_configs(T, d, d_e, 4), None]:
         check_against_reference(T, d, d_e, 4, "empty-expert", dtype, True, config, seed=T)
-    check_against_reference(T, d, d_e, 4, "gated", dtype, True, None, seed=T + 1)  # tuned choice
 
 
 @gpu
@@ -256,7 +261,7 @@ def test_gpu_every_candidate_config_matches_reference(T, d, d_e, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_large_T(dtype):
     check_against_reference(65536, 768, 768, 4, "random", dtype, True)
-    check_against_reference(16384, 384, 384, 4, "gated", dtype, False)
+    check_against_reference(16384, 384, 384, 4, "one-expert", dtype, True)
 
 
 def _layer_inputs(T, d=768, d_e=768, E=4, dtype=torch.float16, seed=0):
@@ -287,9 +292,10 @@ def test_gpu_no_host_synchronisation():
 @needs_cuda
 @pytest.mark.parametrize("T", [8, 2048])
 def test_gpu_cuda_graph_capture_and_replay(T):
-    """Capture one call in a CUDA graph, then replay it on new tokens and new routing written in place."""
+    """Capture one call in a CUDA graph, then replay it on new tokens and new routing written in place
+    (with a gate scale for the few-token, split-d_e path)."""
     x, ids, w = _layer_inputs(T)
-    scale = torch.rand(T, device="cuda")
+    scale = torch.rand(T, device="cuda") if T < 64 else None
     moe_ffn_triton(x, ids, **w, scale=scale)  # compile and tune outside the capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -301,7 +307,8 @@ def test_gpu_cuda_graph_capture_and_replay(T):
         y = moe_ffn_triton(x, ids, **w, scale=scale)
     x.copy_(torch.randn_like(x))
     ids.copy_(torch.randint(4, (T,), device="cuda") * (torch.arange(T, device="cuda") % 3 != 0))  # expert 0 heavy
-    scale.copy_(torch.rand_like(scale))
+    if scale is not None:
+        scale.copy_(torch.rand_like(scale))
     graph.replay()
     want = moe_ffn_reference(x.float(), ids, **{k: v.float() for k, v in w.items()}, scale=scale)
     torch.testing.assert_close(y.float(), want, **TOLERANCE[torch.float16])
