@@ -12,6 +12,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from training.data import TASKS, DataError, get_task, load_split, predict, read_examples, score, task_file
+from training.squad import read_squad
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -313,3 +314,58 @@ def test_predict_and_score(tiny_cls_dir, tokenizer):
     unlabeled = load_split(get_task("sst2"), task_file(FIXTURES, get_task("sst2"), "test"), tokenizer)
     with pytest.raises(DataError, match="no gold labels"):
         score(unlabeled, {"logits": torch.zeros(2, 2)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# SQuAD JSON: wrong shapes name the JSON location
+
+
+def _squad(qas=None, context="Paris is the capital of France.", version="1.1"):
+    if qas is None:
+        qas = [{"id": "q1", "question": "What is the capital?", "answers": [{"text": "Paris", "answer_start": 0}]}]
+    return {"version": version, "data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}
+
+
+QA = "data[0].paragraphs[0].qas[0]"
+BAD_SQUAD = [
+    ("not-json", "{'data': []}", r"train-v1\.1\.json, line 1: invalid JSON"),
+    ("top-level-list", [1, 2], r"train-v1\.1\.json: expected a SQuAD JSON object with a 'data' array"),
+    ("no-paragraphs", {"data": [{"title": "t"}]}, r"data\[0\]: missing 'paragraphs'"),
+    ("qas-not-list", {"data": [{"paragraphs": [{"context": "c", "qas": {"id": 1}}]}]},
+     r"data\[0\]\.paragraphs\[0\]: qas must be a JSON array, found \{\"id\": 1\}"),
+    ("missing-question", _squad([{"id": "q1", "answers": []}]), QA.replace("[", r"\[").replace("]", r"\]")
+     + r": missing 'question'"),
+    ("answer-start-string", _squad([{"id": "q", "question": "?", "answers": [{"text": "Paris", "answer_start": "0"}]}]),
+     r"qas\[0\]\.answers\[0\]: answer_start must be a JSON integer, found \"0\""),
+    ("answer-outside", _squad([{"id": "q", "question": "?", "answers": [{"text": "Paris", "answer_start": 99}]}]),
+     r"answers\[0\]: answer_start 99 is outside the context"),
+    ("v1-unanswerable", _squad([{"id": "q", "question": "?", "answers": []}]),
+     r"qas\[0\]: unanswerable question in a SQuAD v1\.1 task \(use the squad_v2 task\)"),
+    ("wrong-offset", _squad([{"id": "q", "question": "?", "answers": [{"text": "France", "answer_start": 2}]}]),
+     r"question 'q': answer_start 2 does not point at the answer \"France\""),
+    ("duplicate-id", _squad([{"id": "q", "question": "?", "answers": [{"text": "Paris", "answer_start": 0}]}] * 2),
+     r"qas\[1\]: duplicate question id 'q'"),
+    ("empty", {"version": "1.1", "data": []}, r"train-v1\.1\.json: no questions in the file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, content, message", BAD_SQUAD, ids=[c[0] for c in BAD_SQUAD])
+def test_bad_squad_files(name, content, message, tmp_path, tokenizer):
+    path = tmp_path / "squad" / "train-v1.1.json"
+    path.parent.mkdir()
+    path.write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
+    with pytest.raises(DataError, match=message) as err:
+        load_split(get_task("squad"), path, tokenizer, max_length=64, doc_stride=16)
+    assert str(path) in str(err.value)
+
+
+def test_squad_files(tokenizer):
+    v1 = read_squad(task_file(FIXTURES, get_task("squad"), "dev"), v2=False)
+    assert [e.id for e in v1] == ["n1", "n2", "n5", "o1", "o2"] and len(v1[0].answers) == 3
+    assert not any(e.is_impossible or e.v2 for e in v1)
+    v2 = read_squad(task_file(FIXTURES, get_task("squad_v2"), "dev"), v2=True, limit=4)
+    assert [(e.id, e.is_impossible, e.answers[:1]) for e in v2] == [
+        ("n1", False, ["France"]), ("n2", False, ["Rollo"]),
+        ("n5", False, ["Carolingian-based cultures of West Francia"]), ("x1", True, []),
+    ]  # fmt: skip
+    assert v2[0].context[v2[0].answer_starts[0] :].startswith("France") and all(e.v2 for e in v2)

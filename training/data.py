@@ -14,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -367,7 +367,8 @@ def _label_order(task: TaskSpec, raw_labels: list[str | None], label_names, path
 
 class EncodedDataset(Dataset):
     """Features of one split, column-wise; item i is a dict of 1-D LongTensors (input_ids, attention_mask,
-    token_type_ids; unpadded) plus its targets (labels [] long or float, or start/end_positions [])."""
+    token_type_ids; unpadded) plus its targets (labels [] long or float, or start/end_positions []).
+    Sequence columns may hold lists or int32 arrays (compact for large QA sets)."""
 
     def __init__(self, columns: dict[str, list], dtypes: dict[str, torch.dtype] | None = None):
         lengths = {len(v) for v in columns.values()}
@@ -380,7 +381,7 @@ class EncodedDataset(Dataset):
         return len(self.columns["input_ids"])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: torch.tensor(v[i], dtype=self.dtypes.get(k, torch.long)) for k, v in self.columns.items()}
+        return {k: torch.as_tensor(v[i]).to(self.dtypes.get(k, torch.long)) for k, v in self.columns.items()}
 
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -392,19 +393,19 @@ class TaskData:
     """One tokenized split.
 
     dataset: items as EncodedDataset describes; examples: the raw examples (TextExample, or
-    training.squad.QAExample). For QA evaluation, windows (moebert.qa.QAWindow, in dataset order) and
-    window_example (the example index of each window) map the model's logits back to answers.
-    task.labels holds the resolved label order (custom labels included).
+    training.squad.QAExample); task.labels holds the resolved label order (custom labels included).
+    QA: window_example gives the example index of each window (dataset item); for evaluation splits
+    window_offsets ([n, 2] int32 per window: context character offsets, -1 elsewhere) map the
+    model's logits back to answer text.
     """
 
     task: TaskSpec
     dataset: Dataset
     examples: list
     path: Path | None = None
-    windows: list | None = None
     window_example: list[int] | None = None
+    window_offsets: list[np.ndarray] | None = None
     pad_token_id: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad input_ids / attention_mask / token_type_ids to the longest item ([B, T]); stack targets ([B])."""
