@@ -143,7 +143,7 @@ def test_label_names_reorder(tokenizer):
     """A teacher's id2label order wins over the task's (names or file values, any order)."""
     task = get_task("mnli")
     path = task_file(FIXTURES, task, "train")
-    data = load_split(task, path, tokenizer, label_names=("contradiction", "entailment", "neutral"))
+    data = load_split(task, path, tokenizer, label_names=("CONTRADICTION", "entailment", "Neutral"))
     assert data.task.labels == ("contradiction", "entailment", "neutral")
     assert [e.label for e in data.examples] == [2, 1, 0]
     sst = load_split(get_task("sst2"), task_file(FIXTURES, get_task("sst2"), "train"), tokenizer,
