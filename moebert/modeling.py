@@ -259,8 +259,22 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, Routing]:
         """x [N, d] → y [N, d] and the routing used"""
-        from kernels import moe_ffn  # lazy: the kernels package (and triton) load only when an MoE runs
+        from kernels import default_backend, moe_ffn  # lazy: kernels (and triton) load only when an MoE runs
 
+        backend = self.backend or default_backend(x.device)
+        if (
+            backend == "triton"
+            and isinstance(self.router, HashRouter)
+            and layout.input_ids is not None
+            and not (self.training and torch.is_grad_enabled())
+        ):  # hash routing inside the kernel's routing step: no separate table lookup
+            from kernels.triton_moe import moe_ffn_triton_hashed
+
+            y, expert_ids = moe_ffn_triton_hashed(
+                x, layout.input_ids, self.router.table, self.fc1_weight, self.fc1_bias, self.fc2_weight,
+                self.fc2_bias, self.ln_weight, self.ln_bias, self.eps,
+            )  # fmt: skip
+            return y, Routing(expert_ids)
         routing = self.router(x, layout)
         y = moe_ffn(
             x, routing.expert_ids, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,

@@ -214,9 +214,11 @@ def test_accumulator_tiling_and_config_table():
 
 
 @pytest.mark.parametrize("route", ["hash-random", "gate-token", "gate-sentence"])
-def test_model_logits_triton_equal_torch(route, tiny_cls_dir, padded_batch, tmp_path):
+def test_model_logits_triton_equal_torch(route, tiny_cls_dir, padded_batch, tmp_path, monkeypatch):
     """Whole MoEBERT (3 MoE layers, d = 36, 4 experts of 21, padding): the triton backend's logits and
-    expert counts equal the grouped torch backend's."""
+    expert counts equal the grouped torch backend's. Hash routing goes through the in-kernel table lookup,
+    gated routing through expert ids from the model's gate."""
+    import kernels.triton_moe as triton_moe
     from moebert.convert import ConvertConfig, convert
     from moebert.loading import load_model
 
@@ -226,11 +228,16 @@ def test_model_logits_triton_equal_torch(route, tiny_cls_dir, padded_batch, tmp_
     ))  # fmt: skip
     model = load_model(out).to(DEVICE).eval()
     batch = {k: v.to(DEVICE) for k, v in padded_batch.items()}
+    calls = []
+    for name in ("moe_ffn_triton", "moe_ffn_triton_hashed"):
+        original = getattr(triton_moe, name)
+        monkeypatch.setattr(triton_moe, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     results = {}
     for backend in ("torch", "triton"):
         model.set_moe_backend(backend)
         with torch.no_grad():
             results[backend] = model(**batch, output_expert_counts=True)
+    assert calls == ["moe_ffn_triton_hashed" if route == "hash-random" else "moe_ffn_triton"] * 3  # one per layer
     torch.testing.assert_close(results["triton"].logits, results["torch"].logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(results["triton"].expert_counts, results["torch"].expert_counts, rtol=0, atol=0)
 
