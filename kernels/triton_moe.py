@@ -484,8 +484,8 @@ def candidate_configs(T: int, d: int, d_e: int, num_experts: int) -> list[FFNCon
     configs = [
         FFNConfig(64, 64, 32, num_warps=8, num_stages=3),
         FFNConfig(64, 64, 64, num_warps=8, num_stages=2),
-        FFNConfig(64, 32, 64, num_warps=8, num_stages=3),
-        FFNConfig(32, 64, 64, num_warps=4, num_stages=3),
+        FFNConfig(64, 64, 32, num_warps=16, num_stages=3),  # half the accumulator registers per thread
+        FFNConfig(32, 64, 64, num_warps=8, num_stages=3),
         FFNConfig(64, 64, 32, split_e=2, num_warps=8, num_stages=3),
     ]
     if acc_floats_per_thread(128, 8) <= 128:  # d ≤ 512 (MiniLM): twice the rows per weight load
