@@ -14,7 +14,9 @@ What the exported graph contains, and why:
 - Outputs: logits [B, C] or start_logits, end_logits [B, T]; for MoE models also expert_counts
   [num MoE layers, E], the tokens routed to each expert (padding excluded), which the server exports.
 - The router balance loss (a training signal, no graph output) needs torch.bincount, which has no ONNX
-  export: during export, bincount is swapped for an equivalent scatter-add.
+  export, and the sentence gate pools with index_add, which the exporter gets wrong for repeated indices
+  (it overwrites instead of adding): during export both are swapped for an equivalent scatter-add
+  (ScatterElements with reduction="add").
 
 Files (in <checkpoint>/onnx by default): model.onnx (optimized fp32), model.int8.onnx (dynamic int8
 quantization of the MatMuls, with --quantize), export.json (what was exported and the measured
@@ -73,20 +75,28 @@ def _bincount(x: torch.Tensor, weights=None, minlength: int = 0) -> torch.Tensor
     return torch.zeros(minlength, dtype=torch.long, device=x.device).scatter_add(0, x, torch.ones_like(x))
 
 
+def _index_add(self: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor, *, alpha=1) -> torch.Tensor:
+    """Tensor.index_add along dim 0 (the model's use: pooling tokens [N, d] into sequences [B, d])."""
+    if dim != 0 or alpha != 1:
+        raise NotImplementedError("index_add export: dim 0, alpha 1 only")
+    expanded = index.view(-1, *([1] * (source.dim() - 1))).expand_as(source)
+    return self.scatter_add(0, expanded, source)
+
+
 @contextlib.contextmanager
 def export_mode(model):
     """The model as it is exported: export MoE backend, fusable attention, exportable bincount; restored after."""
     backend = model.config.moe_backend
     attentions = [m for m in model.modules() if isinstance(m, MoEBertSelfAttention)]
-    original_bincount = torch.bincount
+    original_bincount, original_index_add = torch.bincount, torch.Tensor.index_add
     model.set_moe_backend("export")
     for m in attentions:
         m.forward = types.MethodType(_explicit_attention, m)
-    torch.bincount = _bincount
+    torch.bincount, torch.Tensor.index_add = _bincount, _index_add
     try:
         yield model
     finally:
-        torch.bincount = original_bincount
+        torch.bincount, torch.Tensor.index_add = original_bincount, original_index_add
         for m in attentions:
             del m.forward  # back to the class's method
         model.set_moe_backend(backend)
