@@ -71,6 +71,12 @@ class ServerSettings(BaseSettings):
     warmup: bool = True
     drain_timeout_s: float = Field(30.0, ge=0.0, description="SIGTERM: how long in-flight work may take")
 
+    @field_validator("api_key", "threads", "max_seq_len", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes `VAR: ${VAR:-}` as an empty string: that means "not set", not "the empty key".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("models", mode="before")
     @classmethod
     def _parse_models(cls, value: object) -> dict[str, str]:
