@@ -1,0 +1,392 @@
+"""Load benchmark: async HTTP load against this service and the baselines, side by side in one run.
+
+Each configuration is started as its own process on a free 127.0.0.1 port, loaded, then stopped:
+- moebert-torch / moebert-onnx-fp32 / moebert-onnx-int8: this service serving the MoEBERT classifier;
+- dense-torch (and dense-onnx-int8): this service serving the dense teacher;
+- naive: a FastAPI app that calls transformers' text-classification pipeline one request at a time;
+- infinity: Infinity (`infinity_emb v2 --engine torch`) serving the same dense teacher, from its own
+  virtualenv (--infinity-venv; skipped when absent). Install:
+    python3 -m venv VENV && VENV/bin/pip install "infinity-emb[server,torch]==0.0.78" "torch==2.13.0"
+
+Load: closed loop (C clients, each sending its next request when the last one is answered) and open loop
+(requests sent at a fixed rate, latency counted from the scheduled send time, so a slow server cannot
+hide its queueing), each bounded in time. One SST-2 dev sentence per classification request, one SQuAD dev
+question/context per QA request. Reports throughput and p50/p95/p99 latency; writes a Markdown table, JSON
+and a PNG under benchmarks/results/.
+
+    python benchmarks/load_test.py --moe runs/minilm-cls-moe --dense runs/minilm-cls --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DATA = Path(os.environ.get("MOEBERT_DATA", REPO.parent / "shared" / "data"))
+RESULTS = REPO / "benchmarks" / "results"
+
+
+# --------------------------------------------------------------------------------------------------
+# Payloads
+
+
+def sst2_sentences(limit: int | None = None) -> list[str]:
+    with open(DATA / "glue" / "SST-2" / "dev.tsv", newline="") as f:
+        rows = [r["sentence"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    return rows[:limit] if limit else rows
+
+
+def squad_pairs(limit: int = 2000) -> list[tuple[str, str]]:
+    data = json.loads((DATA / "squad" / "dev-v1.1.json").read_text())["data"]
+    pairs = [(qa["question"], p["context"]) for art in data for p in art["paragraphs"] for qa in p["qas"]]
+    return pairs[:limit]
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets: how to start each server and what one request looks like
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    path: str
+    body: callable  # payload → JSON body
+    proc: object = None
+
+
+def classify_body(model: str):
+    return lambda text: {"inputs": text, "model": model}
+
+
+def qa_body(model: str):
+    return lambda pair: {"question": pair[0], "context": pair[1], "model": model}
+
+
+def start_moebert(name: str, models: dict[str, str], flags: list[str], log_dir: Path):
+    from server.process import ServerProcess
+
+    log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
+    return ServerProcess(models, *flags, log=log).start(timeout_s=300)
+
+
+class ChildServer:
+    """Any other server command, ready when `ready_path` answers 200."""
+
+    def __init__(self, args: list[str], port: int, ready_path: str, log_path: Path, env=None):
+        import subprocess
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.ready_path = ready_path
+
+    def start(self, timeout_s: float = 600) -> ChildServer:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"not ready after {timeout_s} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+
+
+class NaiveBody(BaseModel):
+    inputs: str
+    model: str | None = None
+
+
+def naive_app(model_path: str):
+    """The baseline: transformers' pipeline, one request at a time (a lock around the model)."""
+    import threading
+
+    from fastapi import FastAPI
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=model_path, device="cpu")
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.post("/v1/classify")
+    def classify(body: NaiveBody):  # a sync endpoint: FastAPI runs it in its thread pool
+        with lock:
+            return clf(body.inputs)
+
+    @app.get("/health")
+    def health():
+        return {"ok": True}
+
+    return app
+
+
+# --------------------------------------------------------------------------------------------------
+# Load generators
+
+
+@dataclass
+class Result:
+    config: str
+    mode: str  # "closed c=16" / "open 100/s"
+    duration_s: float
+    ok: int = 0
+    errors: dict = field(default_factory=dict)
+    throughput: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+
+
+def summarize(res: Result, latencies: list[float], elapsed: float) -> Result:
+    import numpy as np
+
+    res.duration_s = round(elapsed, 2)
+    res.ok = len(latencies)
+    res.throughput = round(len(latencies) / elapsed, 1)
+    if latencies:
+        lat = np.array(latencies) * 1000
+        res.p50_ms, res.p95_ms, res.p99_ms = (round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99))
+    return res
+
+
+async def closed_loop(target: Target, payloads, concurrency: int, duration: float) -> Result:
+    import aiohttp
+
+    res, latencies = Result(target.name, f"closed c={concurrency}", duration), []
+    stop = time.perf_counter() + duration
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(target.url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as s:
+
+        async def client(i: int):
+            rng = random.Random(i)
+            while time.perf_counter() < stop:
+                body = target.body(rng.choice(payloads))
+                t0 = time.perf_counter()
+                try:
+                    async with s.post(target.path, json=body) as r:
+                        await r.read()
+                        if r.status == 200:
+                            latencies.append(time.perf_counter() - t0)
+                        else:
+                            res.errors[str(r.status)] = res.errors.get(str(r.status), 0) + 1
+                except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                    res.errors[type(err).__name__] = res.errors.get(type(err).__name__, 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        return summarize(res, latencies, time.perf_counter() - t0)
+
+
+async def open_loop(target: Target, payloads, rate: float, duration: float) -> Result:
+    import aiohttp
+
+    res, latencies = Result(target.name, f"open {rate:g}/s", duration), []
+    rng = random.Random(0)
+    connector = aiohttp.TCPConnector(limit=1024)
+    async with aiohttp.ClientSession(target.url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as s:
+
+        async def one(scheduled: float, body):
+            try:
+                async with s.post(target.path, json=body) as r:
+                    await r.read()
+                    if r.status == 200:
+                        latencies.append(time.perf_counter() - scheduled)  # from the scheduled time
+                    else:
+                        res.errors[str(r.status)] = res.errors.get(str(r.status), 0) + 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                res.errors[type(err).__name__] = res.errors.get(type(err).__name__, 0) + 1
+
+        tasks, t0 = [], time.perf_counter()
+        n = int(rate * duration)
+        for k in range(n):
+            scheduled = t0 + k / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(scheduled, target.body(rng.choice(payloads)))))
+        await asyncio.gather(*tasks)
+        return summarize(res, latencies, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def configurations(args) -> list[tuple[str, callable]]:
+    """(name, start() → (server, Target)) for every configuration asked for."""
+    from server.process import free_port
+
+    log_dir = RESULTS / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    knobs = ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096"]
+
+    def ours(name, path, backend_flags, task="classification"):
+        def start():
+            proc = start_moebert(name, {"m": path}, [*backend_flags, *threads, *knobs], log_dir)
+            body = classify_body("m") if task == "classification" else qa_body("m")
+            return proc, Target(name, proc.url, "/v1/classify" if task == "classification" else "/v1/qa", body)
+
+        return start
+
+    def naive():
+        port = free_port()
+        cmd = [sys.executable, __file__, "--naive-server", args.dense, "--port", str(port)]
+        env = {"OMP_NUM_THREADS": str(args.threads or os.cpu_count())}
+        proc = ChildServer(cmd, port, "/health", log_dir / "naive.log", env).start()
+        return proc, Target("naive", proc.url, "/v1/classify", lambda text: {"inputs": text})
+
+    def infinity():
+        port = free_port()
+        binary = Path(args.infinity_venv) / "bin" / "infinity_emb"
+        model = str(Path(args.dense).resolve())
+        cmd = [str(binary), "v2", "--engine", "torch", "--model-id", model, "--port", str(port), "--host", "127.0.0.1",
+               "--served-model-name", "dense", "--device", "cpu", "--no-bettertransformer"]  # fmt: skip
+        proc = ChildServer(cmd, port, "/health", log_dir / "infinity.log", {"INFINITY_ANONYMOUS_USAGE_STATS": "0"})
+        proc.start()
+        return proc, Target("infinity", proc.url, "/classify", lambda text: {"input": [text], "model": "dense"})
+
+    table = {
+        "moebert-torch": ours("moebert-torch", args.moe, ["--backend", "torch"]),
+        "moebert-onnx-fp32": ours("moebert-onnx-fp32", args.moe, ["--backend", "onnx"]),
+        "moebert-onnx-int8": ours("moebert-onnx-int8", args.moe, ["--backend", "onnx", "--onnx-precision", "int8"]),
+        "dense-torch": ours("dense-torch", args.dense, ["--backend", "torch"]),
+        "dense-onnx-int8": ours("dense-onnx-int8", args.dense, ["--backend", "onnx", "--onnx-precision", "int8"]),
+        "naive": naive,
+        "infinity": infinity,
+    }
+    if args.qa:
+        table["moebert-qa-onnx-int8"] = ours(
+            "moebert-qa-onnx-int8", args.qa, ["--backend", "onnx", "--onnx-precision", "int8"], "qa"
+        )
+    chosen = []
+    for name in args.configs:
+        if name == "infinity" and not (Path(args.infinity_venv) / "bin" / "infinity_emb").exists():
+            print(f"skipping infinity: no {args.infinity_venv}/bin/infinity_emb", file=sys.stderr)
+            continue
+        if name.startswith("moebert-qa") and not args.qa:
+            continue
+        chosen.append((name, table[name]))
+    return chosen
+
+
+def run(args) -> list[Result]:
+    sentences = sst2_sentences()
+    pairs = squad_pairs() if args.qa else []
+    results: list[Result] = []
+    for name, start in configurations(args):
+        print(f"== {name}", file=sys.stderr, flush=True)
+        try:
+            proc, target = start()
+        except Exception as err:  # one configuration failing to start must not lose the others
+            print(f"   could not start: {err}", file=sys.stderr)
+            results.append(Result(name, "not started", 0, errors={"start": str(err)[:200]}))
+            continue
+        payloads = pairs if target.path == "/v1/qa" else sentences
+        try:
+            asyncio.run(closed_loop(target, payloads, 4, min(3.0, args.duration)))  # warm-up, not reported
+            for c in args.concurrency:
+                results.append(asyncio.run(closed_loop(target, payloads, c, args.duration)))
+                print(f"   {results[-1]}", file=sys.stderr, flush=True)
+            for rate in args.rates:
+                results.append(asyncio.run(open_loop(target, payloads, rate, args.duration)))
+                print(f"   {results[-1]}", file=sys.stderr, flush=True)
+        finally:
+            proc.stop()
+    return results
+
+
+def write_report(results: list[Result], args) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "load_test.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    lines = [
+        "# Load test",
+        "",
+        f"`python benchmarks/load_test.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Machine: {os.cpu_count()} CPU cores, load generator on the same machine. One SST-2 dev sentence per "
+        f"request (QA: one SQuAD dev question/context). {args.duration:g} s per measurement; open-loop latency "
+        "counts from the scheduled send time.",
+        "",
+        "| configuration | load | req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or ""
+        lines.append(f"| {r.config} | {r.mode} | {r.throughput} | {r.p50_ms} | {r.p95_ms} | {r.p99_ms} | {errors} |")
+    (RESULTS / "load_test.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    closed = [r for r in results if r.mode.startswith("closed") and r.ok]
+    if not closed:
+        return
+    labels = [f"{r.config}\n{r.mode}" for r in closed]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(closed)), 4.5))
+    ax1.bar(range(len(closed)), [r.throughput for r in closed], color="tab:blue")
+    ax1.set_title("throughput (req/s)")
+    ax2.bar(range(len(closed)), [r.p99_ms for r in closed], color="tab:red")
+    ax2.set_title("p99 latency (ms)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(closed)), labels, rotation=60, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "load_test.png", dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--moe", default="runs/minilm-cls-moe", help="MoEBERT classifier (with onnx/ exported)")
+    p.add_argument("--dense", default="runs/minilm-cls", help="its dense teacher (with onnx/ exported)")
+    p.add_argument("--qa", help="a QA checkpoint (with onnx/) to load /v1/qa with SQuAD dev pairs")
+    p.add_argument("--configs", nargs="+", default=["moebert-torch", "moebert-onnx-fp32", "moebert-onnx-int8",
+                   "dense-torch", "naive", "infinity", "moebert-qa-onnx-int8"])  # fmt: skip
+    p.add_argument("--concurrency", type=int, nargs="*", default=[16], help="closed-loop clients (default 16)")
+    p.add_argument("--rates", type=float, nargs="*", default=[], help="open-loop request rates (req/s)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default 20)")
+    p.add_argument("--threads", type=int, default=1, help="inference threads of each server (default 1)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="this service's batching wait")
+    p.add_argument("--infinity-venv", default=os.environ.get("INFINITY_VENV", ".venv-infinity"))
+    p.add_argument("--naive-server", metavar="MODEL", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.naive_server:  # the baseline, in its own process
+        import uvicorn
+
+        uvicorn.run(naive_app(args.naive_server), host="127.0.0.1", port=args.port, log_level="warning")
+        return 0
+    write_report(run(args), args)
+    print((RESULTS / "load_test.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
