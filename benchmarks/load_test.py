@@ -239,10 +239,12 @@ async def open_loop(target: Target, payloads, rate: float, duration: float) -> R
 
 def configurations(args) -> list[tuple[str, callable]]:
     """(name, start() → (server, Target)) for every configuration asked for."""
+    import tempfile
+
     from server.process import free_port
 
-    log_dir = RESULTS / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="moebert-load-test-"))  # server logs: kept out of the repository
+    print(f"server logs: {log_dir}", file=sys.stderr)
     threads = ["--threads", str(args.threads)] if args.threads else []
     knobs = ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096"]
 
@@ -267,7 +269,8 @@ def configurations(args) -> list[tuple[str, callable]]:
         model = str(Path(args.dense).resolve())
         cmd = [str(binary), "v2", "--engine", "torch", "--model-id", model, "--port", str(port), "--host", "127.0.0.1",
                "--served-model-name", "dense", "--device", "cpu", "--no-bettertransformer"]  # fmt: skip
-        proc = ChildServer(cmd, port, "/health", log_dir / "infinity.log", {"INFINITY_ANONYMOUS_USAGE_STATS": "0"})
+        env = {"INFINITY_ANONYMOUS_USAGE_STATS": "0", "OMP_NUM_THREADS": str(args.threads or os.cpu_count())}
+        proc = ChildServer(cmd, port, "/health", log_dir / "infinity.log", env)
         proc.start()
         return proc, Target("infinity", proc.url, "/classify", lambda text: {"input": [text], "model": "dense"})
 
@@ -313,7 +316,7 @@ def run(args) -> list[Result]:
             for c in args.concurrency:
                 results.append(asyncio.run(closed_loop(target, payloads, c, args.duration)))
                 print(f"   {results[-1]}", file=sys.stderr, flush=True)
-            for rate in args.rates:
+            for rate in args.qa_rates if target.path == "/v1/qa" else args.rates:
                 results.append(asyncio.run(open_loop(target, payloads, rate, args.duration)))
                 print(f"   {results[-1]}", file=sys.stderr, flush=True)
         finally:
@@ -371,6 +374,7 @@ def main(argv=None) -> int:
                    "dense-torch", "naive", "infinity", "moebert-qa-onnx-int8"])  # fmt: skip
     p.add_argument("--concurrency", type=int, nargs="*", default=[16], help="closed-loop clients (default 16)")
     p.add_argument("--rates", type=float, nargs="*", default=[], help="open-loop request rates (req/s)")
+    p.add_argument("--qa-rates", type=float, nargs="*", default=[], help="open-loop rates for the QA configuration")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default 20)")
     p.add_argument("--threads", type=int, default=1, help="inference threads of each server (default 1)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="this service's batching wait")
