@@ -97,6 +97,7 @@ def main() -> None:
                     output_dir=str(base / row),
                     finetuned_teacher=str(teacher_dir),
                     evaluate_teacher=False,
+                    importance_file=str(base / "importance.safetensors"),
                     importance_samples=args.samples,
                     distill_optim=ds,
                     seed=seed,

@@ -68,34 +68,34 @@ def importance_closed_form(model, loader, desc: str = "importance") -> list[torc
     if any(layer.moe is not None for layer in layers):
         raise ValueError("importance is scored on the dense teacher, not on a MoEBERT model")
     scores = [torch.zeros(layer.intermediate.dense.out_features, dtype=torch.float64) for layer in layers]
-    captured: dict[int, dict[str, torch.Tensor]] = {}
-
-    def keep(i: int, name: str, tensor: torch.Tensor) -> None:
-        tensor.retain_grad()
-        captured.setdefault(i, {})[name] = tensor
-
+    # Forward hooks collect each layer's pre-activation a and fc2 input h; autograd.grad then returns
+    # ∂L/∂a and ∂L/∂h directly (no retain_grad, no parameter gradients accumulated).
+    activations: list[torch.Tensor] = []
     hooks = []
-    for i, layer in enumerate(layers):
-        hooks.append(layer.intermediate.dense.register_forward_hook(lambda m, args, out, i=i: keep(i, "a", out)))
-        hooks.append(layer.output.dense.register_forward_hook(lambda m, args, out, i=i: keep(i, "h", args[0])))
+    for layer in layers:
+        hooks.append(layer.intermediate.dense.register_forward_hook(lambda m, args, out: activations.append(out)))
+        hooks.append(layer.output.dense.register_forward_hook(lambda m, args, out: activations.append(args[0])))
     model.eval()
     try:
         for batch in tqdm(loader, desc=desc, dynamic_ncols=True):
-            captured.clear()
-            model.zero_grad(set_to_none=True)
-            per_example_loss(model, batch).sum().backward()
+            activations.clear()
+            loss = per_example_loss(model, batch).sum()
+            grads = torch.autograd.grad(loss, activations)
             mask = batch["attention_mask"].bool()
             seq_index = torch.arange(mask.shape[0]).repeat_interleave(mask.shape[1])[mask.reshape(-1)]  # [N]
             B = mask.shape[0]
-            for i, layer in enumerate(layers):
-                a, h = captured[i]["a"], captured[i]["h"]  # [N, d_h] over the non-padding tokens
-                term = a.grad * (a - layer.intermediate.dense.bias) + h.grad * h  # [N, d_h]
-                per_example = torch.zeros(B, term.shape[1], dtype=torch.float64).index_add_(0, seq_index, term.double())
-                scores[i] += per_example.abs().sum(0)
+            with torch.no_grad():
+                for i, layer in enumerate(layers):
+                    a, h = activations[2 * i], activations[2 * i + 1]  # [N, d_h] over the non-padding tokens
+                    grad_a, grad_h = grads[2 * i], grads[2 * i + 1]
+                    term = grad_a * (a - layer.intermediate.dense.bias) + grad_h * h  # [N, d_h]
+                    per_example = torch.zeros(B, term.shape[1], dtype=torch.float64)
+                    scores[i] += per_example.index_add_(0, seq_index, term.double()).abs().sum(0)
+            del loss, grads
     finally:
+        activations.clear()
         for hook in hooks:
             hook.remove()
-        model.zero_grad(set_to_none=True)
     return [s.float() for s in scores]
 
 

@@ -52,6 +52,7 @@ class PipelineConfig:
     route: str = "hash-random"
     split: str = "importance"
     importance_samples: int = 2048
+    importance_file: str | None = None  # default <output_dir>/importance.safetensors; rows may share one
     finetune_optim: OptimConfig | None = None  # None: task defaults
     distill_optim: OptimConfig | None = None
     distill_weight: float | None = None
@@ -77,12 +78,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         _run_stage("finetune", ft, teacher, [cfg.teacher], lambda: finetune(ft))
 
     # 2. importance (not needed for a random split)
-    importance = out / "importance.safetensors"
+    importance = Path(cfg.importance_file) if cfg.importance_file else out / "importance.safetensors"
     if cfg.split != "random":
         imp = ImportanceConfig(
             model=teacher, data=cfg.data, samples=cfg.importance_samples, output=str(importance), seed=cfg.seed
         )
-        imp_fp = fingerprint(asdict(imp), [teacher])
+        # The file's location is not part of what it holds: rows sharing a teacher share its importance.
+        imp_fp = fingerprint({k: v for k, v in asdict(imp).items() if k != "output"}, [teacher])
         if _importance_fingerprint(importance) == imp_fp:
             log.info("importance: up to date, skipped (%s)", importance)
         else:
