@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import torch
 from transformers import PretrainedConfig
 
 from moebert.configuration import MoEBertConfig
@@ -63,8 +64,13 @@ def task_of(config: PretrainedConfig) -> Task:
     return "encoder"
 
 
-def load_model(path: str | Path, task: Task | None = None, **overrides) -> MoEBertPreTrainedModel:
+def load_model(
+    path: str | Path, task: Task | None = None, dtype: torch.dtype = torch.float32, **overrides
+) -> MoEBertPreTrainedModel:
     """Load `path` (local folder or hub id) for `task` (default: the task recorded in the checkpoint).
+
+    Weights are cast to `dtype` (fp32 by default: checkpoints may be stored in fp16 to save space, and
+    CPU inference and training want fp32).
 
     A stock BERT loads as a dense MoEBERT (moe_layers = []), e.g. the teacher; a head the checkpoint
     lacks (a bare encoder loaded for classification) starts from random weights, as in transformers.
@@ -76,7 +82,7 @@ def load_model(path: str | Path, task: Task | None = None, **overrides) -> MoEBe
     try:
         # A new head size (num_labels override) re-initialises the head instead of failing on its shape.
         model = MODEL_CLASSES[task].from_pretrained(
-            str(path), config=config, ignore_mismatched_sizes="num_labels" in overrides
+            str(path), config=config, dtype=dtype, ignore_mismatched_sizes="num_labels" in overrides
         )
     except (OSError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot load the weights ({err})") from err

@@ -14,6 +14,7 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--host", {"help": "address to listen on (default 127.0.0.1; 0.0.0.0 in a container)"}),
     ("--port", {"type": int, "help": "port (default 8000)"}),
     ("--api-key", {"help": "require `Authorization: Bearer KEY` on /v1/*"}),
+    ("--models-dir", {"help": "with no --model: serve every checkpoint in this folder (default: the bundled models/)"}),
     ("--max-batch-tokens", {"type": int, "help": "padded tokens per batch (default 8192)"}),
     ("--max-batch-requests", {"type": int, "help": "rows per batch (default 64)"}),
     ("--max-wait-ms", {"type": float, "help": "how long a lone row waits for company (default 2)"}),
@@ -66,16 +67,35 @@ def settings_from_args(args: argparse.Namespace):
     overrides = {field: getattr(args, field) for field in fields}
     overrides["models"] = args.models
     overrides["warmup"] = args.warmup
-    return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if not settings.models:  # no --model and no MOEBERT_SERVE_MODELS: the bundled defaults
+        settings = settings.model_copy(update={"models": bundled_models(settings.models_dir)})
+    return settings
+
+
+def bundled_models(models_dir: str | None) -> dict[str, str]:
+    """NAME → folder for every checkpoint (a folder with config.json) directly inside models_dir."""
+    from pathlib import Path
+
+    from server.settings import default_models_dir
+
+    root = Path(models_dir) if models_dir else default_models_dir()
+    if not root.is_dir():
+        return {}
+    return {p.name: str(p) for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
 
 
 def check_models(settings) -> None:
     """Fail fast, with one clear line, on what would fail after startup: missing folders, wrong heads."""
     from moebert.loading import load_config, task_of
     from server.backends import onnx_file
+    from server.settings import default_models_dir
 
     if not settings.models:
-        raise ValueError("no models to serve: pass --model NAME=PATH (or set MOEBERT_SERVE_MODELS)")
+        raise ValueError(
+            "no models to serve: pass --model NAME=PATH (or set MOEBERT_SERVE_MODELS), "
+            f"or put checkpoints in {settings.models_dir or default_models_dir()}"
+        )
     for name, path in settings.models.items():
         task = task_of(load_config(path))
         if task not in ("classification", "qa"):

@@ -4,12 +4,18 @@ flags (which are just another source for the same fields)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "MOEBERT_SERVE_"
+
+
+def default_models_dir() -> Path:
+    """The bundled default models: models/ at the repository root."""
+    return Path(__file__).resolve().parent.parent / "models"
 
 
 def parse_models(value: object) -> dict[str, str]:
@@ -44,6 +50,7 @@ class ServerSettings(BaseSettings):
     models: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="NAME → checkpoint folder (the task comes from the checkpoint)"
     )
+    models_dir: str | None = Field(None, description="with no models given: serve every checkpoint in this folder")
     backend: Literal["torch", "onnx"] = "torch"
     onnx_precision: Literal["fp32", "int8"] = Field(
         "fp32", description="onnx backend: which export to run (see `moebert export-onnx --quantize`)"
