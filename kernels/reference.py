@@ -11,7 +11,9 @@ with the exact erf GELU, as BERT uses. Shapes:
     ln_weight / ln_bias [E, d], scale [T].
 
 This file is deliberately plain: one loop over experts, no tricks. Tests compare the fast paths to it
-(usually after casting everything to float64).
+(usually after casting everything to float64). It is also the traceable formulation that ONNX export
+records (backend "export"): no Python control flow depends on the data, so the graph holds the routing
+itself (per expert NonZero → Gather → FFN → ScatterND; E is a weight shape, so the loop unrolls).
 """
 
 from __future__ import annotations
@@ -36,15 +38,13 @@ def moe_ffn_reference(
     num_experts, d, _ = fc1_weight.shape
     out = torch.zeros_like(x)
     for e in range(num_experts):
-        rows = (expert_ids == e).nonzero(as_tuple=True)[0]  # tokens routed to expert e
-        if rows.numel() == 0:
-            continue
-        x_e = x[rows]  # [n_e, d]
+        rows = (expert_ids == e).nonzero().squeeze(-1)  # [n_e] tokens routed to expert e (maybe none)
+        x_e = x.index_select(0, rows)  # [n_e, d]
         h = F.gelu(x_e @ fc1_weight[e] + fc1_bias[e])  # [n_e, d_e]
         y = h @ fc2_weight[e] + fc2_bias[e]  # [n_e, d]
         if scale is not None:
-            y = y * scale[rows].unsqueeze(-1).to(y.dtype)
+            y = y * scale.index_select(0, rows).unsqueeze(-1).to(y.dtype)
         if ln_weight is not None:
             y = F.layer_norm(x_e + y, (d,), ln_weight[e], ln_bias[e], eps)
-        out[rows] = y
+        out = out.index_put((rows,), y)
     return out
