@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -70,7 +71,7 @@ def main() -> None:
         data = DataConfig(
             task=task, data_dir=args.data_dir, train_limit=limit, max_length=384 if task.startswith("squad") else 128
         )
-        ft, ds, _ = task_defaults(task)
+        ft, ds, lam = task_defaults(task)
         if args.finetune_epochs:
             ft = replace(ft, epochs=args.finetune_epochs)
         if args.distill_epochs:
@@ -112,8 +113,10 @@ def main() -> None:
             "train_limit": limit,
             "finetune": vars_of(ft),
             "distill": vars_of(ds),
+            "distill_weight": lam,
             "wall_seconds": budget,
             "importance_samples": args.samples,
+            "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
         }
         _write(all_results)
 
@@ -153,17 +156,21 @@ def _write(results: dict) -> None:
         lines += [
             f"## {task} (dev)",
             "",
-            f"seeds {meta.get('seeds')}, train limit {limit}, "
-            f"teacher {meta.get('finetune')}, student {meta.get('distill')}",
+            f"Seeds {meta.get('seeds')}; training examples: {limit}; teacher fine-tuning {meta.get('finetune')}; "
+            f"student {meta.get('distill')}, λ = {meta.get('distill_weight', '?')}; importance on "
+            f"{meta.get('importance_samples')} training examples. Command: `{meta.get('command', '?')}`",
             "",
-            "| row | " + " | ".join(metrics) + " |",
-            "|---|" + "---:|" * len(metrics),
+            "| row | " + " | ".join(metrics) + " | wall min | what |",
+            "|---|" + "---:|" * (len(metrics) + 1) + "---|",
         ]
+        wall = meta.get("wall_seconds", {})
         for row, m in rows.items():
             if row.startswith("_"):
                 continue
             cells = [f"{m[k]:.2f}" + (f" ± {m[k + '_std']:.2f}" if f"{k}_std" in m else "") for k in metrics if k in m]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            what = "dense MiniLM-L6 fine-tuned on the task" if row == "teacher" else ROWS[row][1]
+            minutes = f"{wall[row] / 60:.0f}" if row in wall else "?"
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {minutes} | {what} |")
         lines.append("")
     (RESULTS / "quality.md").write_text("\n".join(lines))
     print("\n".join(lines))
