@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         )
     lines += [
         "",
-        f"int8 vs fp32: {drop:+.2f} points ({'within' if ok else 'OUTSIDE'} the {MAX_DROP_POINTS}-point bar).",
+        f"int8 drop vs fp32: {drop:.2f} points ({'within' if ok else 'OUTSIDE'} the {MAX_DROP_POINTS}-point bar).",
     ]
     report = "\n".join(lines) + "\n"
     print(report)

@@ -239,8 +239,10 @@ def export_onnx(
         int8 = out_dir / "model.int8.onnx"
         with _quiet():
             # DefaultTensorType: shape inference cannot type the outputs of ORT's fused ops; they are float.
+            # per_channel: one scale per output column. Per-tensor scales cost 0.9 accuracy points on a
+            # trained SST-2 MoEBERT (84.40 vs 85.32 fp32); per-channel 0.1 (85.21), as fast.
             quantize_dynamic(
-                str(fp32), str(int8), weight_type=QuantType.QInt8,
+                str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )  # fmt: skip
         result.files.append(int8)
