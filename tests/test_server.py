@@ -362,7 +362,7 @@ def test_bad_serve_arguments_fail_fast(tmp_path):
 
     missing = serve("--model", f"x={tmp_path / 'nope'}")
     assert missing.returncode == 2 and "error" in missing.stderr and "Traceback" not in missing.stderr
-    no_models = serve()
+    no_models = serve("--models-dir", str(tmp_path / "empty"))  # no --model and nothing bundled there
     assert no_models.returncode == 2 and "no models" in no_models.stderr
     bad_pair = serve("--model", "just-a-path")
     assert bad_pair.returncode == 2 and "NAME=PATH" in bad_pair.stderr
