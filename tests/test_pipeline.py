@@ -103,3 +103,15 @@ def test_bad_data_is_one_clear_line(tiny_cls_dir, tmp_path, capsys):
     assert "bad.csv" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["evaluate", str(tiny_cls_dir), "--task", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_only_rank_zero_publishes_a_stage_output(tmp_path, monkeypatch):
+    from training.checkpoint import finished, stage_output
+
+    with stage_output(tmp_path / "out", "finetune", "fp", {}) as tmp:
+        (tmp / "weights").write_text("rank 0")
+    monkeypatch.setenv("RANK", "1")  # torchrun's other processes
+    with stage_output(tmp_path / "out", "finetune", "fp", {}) as tmp:
+        (tmp / "weights").write_text("rank 1")
+    assert (tmp_path / "out" / "weights").read_text() == "rank 0" and finished(tmp_path / "out", "fp")
+    assert not tmp.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

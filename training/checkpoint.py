@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -46,8 +47,19 @@ def finished(out_dir: str | Path, fp: str) -> bool:
 
 @contextmanager
 def stage_output(out_dir: str | Path, stage: str, fp: str, config: dict, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder to write into; on success it becomes out_dir (with stage.json)."""
+    """Yield a temporary folder to write into; on success it becomes out_dir (with stage.json).
+
+    Under torchrun only rank 0 publishes: the other ranks get a scratch folder that is discarded, so
+    they can never replace rank 0's checkpoint with their own (empty) folder.
+    """
     out = Path(out_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.rank{os.environ['RANK']}-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     if out.exists() and not overwrite and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
