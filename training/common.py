@@ -80,5 +80,10 @@ def label_names_of(config) -> tuple[str, ...] | None:
     return names
 
 
+def device_of(model) -> str:
+    """Where a model's weights live (evaluation runs there)."""
+    return str(next(model.parameters()).device)
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")

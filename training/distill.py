@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moebert.loading import load_model
 from training.checkpoint import fingerprint, stage_output
-from training.common import DataConfig, label_names_of, tokenizer_for, write_json
+from training.common import DataConfig, device_of, label_names_of, tokenizer_for, write_json
 from training.loop import Distributed, OptimConfig, fit
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,6 @@ def make_distill_loss(teacher, weight: float, enabled: bool):
     return compute
 
 
-def _device_of(model) -> str:
-    return str(next(model.parameters()).device)
-
-
 def distill(cfg: DistillConfig) -> Path:
     spec = cfg.data.spec()
     torch.manual_seed(cfg.optim.seed)
@@ -114,7 +110,7 @@ def distill(cfg: DistillConfig) -> Path:
             train,
             cfg.optim,
             make_distill_loss(teacher, cfg.distill_weight, cfg.distill),
-            evaluate=lambda m: evaluate_model(m, dev, batch_size=cfg.optim.eval_batch_size, device=_device_of(m)),
+            evaluate=lambda m: evaluate_model(m, dev, batch_size=cfg.optim.eval_batch_size, device=device_of(m)),
             main_metric=spec.main_metric,
             save=lambda m, metrics: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
             log_dir=tmp,

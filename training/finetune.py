@@ -11,7 +11,7 @@ import torch
 
 from moebert.loading import load_model
 from training.checkpoint import fingerprint, stage_output
-from training.common import DataConfig, default_teacher, tokenizer_for, write_json
+from training.common import DataConfig, default_teacher, device_of, tokenizer_for, write_json
 from training.loop import Distributed, OptimConfig, fit
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     tokenizer = tokenizer_for(cfg.model)
     train = cfg.data.load(spec.train_split, tokenizer, training=True, limit=cfg.data.train_limit)
     dev = cfg.data.load(
-        spec.dev_splits[0], tokenizer, training=False, limit=cfg.data.eval_limit, label_names=_train_labels(train)
+        spec.dev_splits[0], tokenizer, training=False, limit=cfg.data.eval_limit, label_names=train.task.labels
     )
     model = _init_model(cfg.model, spec, train)
     config_dict = asdict(cfg)
@@ -51,7 +51,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
             train,
             cfg.optim,
             task_loss,
-            evaluate=lambda m: evaluate_model(m, dev, batch_size=cfg.optim.eval_batch_size, device=_device_of(m)),
+            evaluate=lambda m: evaluate_model(m, dev, batch_size=cfg.optim.eval_batch_size, device=device_of(m)),
             main_metric=spec.main_metric,
             save=lambda m, metrics: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
             log_dir=tmp,
@@ -62,14 +62,6 @@ def finetune(cfg: FinetuneConfig) -> Path:
     d.barrier()
     log.info("finetune %s: best %s", spec.name, result["best"])
     return Path(cfg.output_dir)
-
-
-def _train_labels(train) -> tuple[str, ...] | None:
-    return train.task.labels
-
-
-def _device_of(model) -> str:
-    return str(next(model.parameters()).device)
 
 
 def _init_model(path: str, spec, train):
