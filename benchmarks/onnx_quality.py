@@ -1,138 +1,146 @@
-"""ONNX quality: SST-2 dev accuracy of a classifier under torch, ONNX Runtime fp32 and ONNX Runtime int8
-(dynamic quantization), and how far the logits move. The issue's bar: int8 within 0.5 accuracy points
-of fp32. Exit status 1 when it is missed.
+"""ONNX quality: a checkpoint's dev metrics under torch, ONNX Runtime fp32 and ONNX Runtime int8
+(dynamic quantization), scored exactly as `moebert evaluate` scores them (same data loading, windows
+and metric code), and how far the outputs move. The bar: int8 within 0.5 points of fp32 on the task's
+main metric (accuracy; SQuAD F1). Exit status 1 when it is missed.
 
-    python benchmarks/onnx_quality.py --model runs/minilm-moe-sst2            # exports onnx/ if missing
-    python benchmarks/onnx_quality.py --model runs/minilm-moe-sst2 --export   # re-export first
+    python benchmarks/onnx_quality.py --model runs/quality/sst2/seed0/moebert/student
+    python benchmarks/onnx_quality.py --model runs/quality/squad/seed0/moebert/student --task squad \\
+        --max-length 256 --runtimes torch onnx-int8
 
-Writes benchmarks/results/onnx_quality.{md,json} (with --limit, a smoke run, nothing is written).
+Exports onnx/ when it is missing (or with --export). Writes benchmarks/results/onnx_quality.{md,json},
+one section per task (with --limit, a smoke run, nothing is written).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("MOEBERT_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results"
 MAX_DROP_POINTS = 0.5
+RUNTIMES = ("torch", "onnx-fp32", "onnx-int8")
 
 
-def sst2_dev(limit: int | None) -> tuple[list[str], np.ndarray]:
-    with open(DATA / "glue" / "SST-2" / "dev.tsv", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = rows[:limit] if limit else rows
-    return [r["sentence"] for r in rows], np.array([int(r["label"]) for r in rows])
+class OrtModule(torch.nn.Module):
+    """An ONNX Runtime session behind the torch call that training.data.predict makes."""
 
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
 
-def batches(tokenizer, texts: list[str], size: int, max_len: int):
-    """Length-sorted batches (as the server forms them): (indices, input_ids, attention_mask, token_type_ids)."""
-    enc = tokenizer(texts, truncation=True, max_length=max_len)
-    order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
-    for start in range(0, len(order), size):
-        idx = order[start : start + size]
-        T = max(len(enc["input_ids"][i]) for i in idx)
-        arrays = []
-        for key in ("input_ids", "attention_mask", "token_type_ids"):
-            arr = np.zeros((len(idx), T), dtype=np.int64)
-            for row, i in enumerate(idx):
-                arr[row, : len(enc[key][i])] = enc[key][i]
-            arrays.append(arr)
-        yield idx, *arrays
-
-
-def predict(run, tokenizer, texts, size, max_len) -> tuple[np.ndarray, float]:
-    """→ logits [n, C] in the input order, seconds"""
-    out, t0 = {}, time.perf_counter()
-    for idx, ids, mask, types in batches(tokenizer, texts, size, max_len):
-        logits = run(ids, mask, types)
-        for row, i in enumerate(idx):
-            out[int(i)] = logits[row]
-    return np.stack([out[i] for i in range(len(texts))]), time.perf_counter() - t0
+    def forward(self, input_ids, attention_mask, token_type_ids=None):  # [B, T] each
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        out = self.backend.run(input_ids.numpy(), attention_mask.numpy(), token_type_ids.numpy())
+        return SimpleNamespace(**{k: torch.from_numpy(v) for k, v in out.items() if k != "expert_counts"})
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="an SST-2 classifier checkpoint (dense or MoEBERT)")
-    p.add_argument("--export", action="store_true", help="(re-)export onnx/ first")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--limit", type=int, help="only the first N dev sentences (smoke run; writes nothing)")
-    args = p.parse_args(argv)
+    from training.common import DEFAULT_DATA_DIR, DataConfig, label_names_of, tokenizer_for
 
-    import torch
-    from transformers import AutoTokenizer
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a classification or QA checkpoint (dense or MoEBERT)")
+    p.add_argument("--task", default="sst2", help="task whose dev split scores it (default sst2)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder with glue/ and squad/")
+    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES), help="what to compare")
+    p.add_argument("--export", action="store_true", help="(re-)export onnx/ first")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example/window (default 128; SQuAD 384)")
+    p.add_argument("--doc-stride", type=int, default=128, help="SQuAD window overlap (default 128)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for every runtime")
+    p.add_argument("--limit", type=int, help="only the first N dev examples (smoke run; writes nothing)")
+    args = p.parse_args(argv)
 
     from moebert.loading import load_model
     from moebert.onnx_export import export_onnx
-    from server.backends import OnnxBackend, TorchBackend, onnx_file
+    from server.backends import OnnxBackend, onnx_file
+    from training.data import predict, score
 
     model_dir = Path(args.model)
-    if args.export or not onnx_file(model_dir, "int8").is_file():
+    if args.export or any(not onnx_file(model_dir, r[5:]).is_file() for r in args.runtimes if r != "torch"):
         export_onnx(model_dir, quantize=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    texts, labels = sst2_dev(args.limit)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    max_len = min(512, load_model(model_dir).config.max_position_embeddings)
+    max_length = args.max_length or (384 if args.task.startswith("squad") else 128)
+    data = DataConfig(task=args.task, data_dir=args.data_dir, max_length=max_length, doc_stride=args.doc_stride)
+    spec = data.spec()
+    torch_model = load_model(model_dir)
+    dev = data.load(
+        spec.dev_splits[0], tokenizer_for(str(model_dir)), training=False,
+        label_names=label_names_of(torch_model.config), limit=args.limit,
+    )  # fmt: skip
     runners = {
-        "torch": TorchBackend(model_dir, threads=args.threads),
-        "onnx-fp32": OnnxBackend(model_dir, "fp32", threads=args.threads),
-        "onnx-int8": OnnxBackend(model_dir, "int8", threads=args.threads),
+        "torch": lambda: torch_model,
+        "onnx-fp32": lambda: OrtModule(OnnxBackend(model_dir, "fp32", threads=args.threads)),
+        "onnx-int8": lambda: OrtModule(OnnxBackend(model_dir, "int8", threads=args.threads)),
     }
-    rows, logits = {}, {}
-    for name, backend in runners.items():
-        out, seconds = predict(
-            lambda i, m, t, b=backend: b.run(i, m, t)["logits"], tokenizer, texts, args.batch_size, max_len
-        )
-        logits[name] = out
-        rows[name] = {
-            "accuracy": round(100 * float((out.argmax(-1) == labels).mean()), 2),
-            "seconds": round(seconds, 2),
-        }
-    for name in ("onnx-fp32", "onnx-int8"):
-        rows[name]["max_abs_logit_diff_vs_torch"] = float(np.abs(logits[name] - logits["torch"]).max())
-        rows[name]["prediction_agreement_vs_torch"] = round(
-            100 * float((logits[name].argmax(-1) == logits["torch"].argmax(-1)).mean()), 2
-        )
-    drop = rows["onnx-fp32"]["accuracy"] - rows["onnx-int8"]["accuracy"]
-    ok = abs(drop) <= MAX_DROP_POINTS
-    lines = [
-        "# ONNX quality on SST-2 dev",
-        "",
-        f"`python benchmarks/onnx_quality.py {' '.join(sys.argv[1:])}` — {len(texts)} sentences, model `{model_dir}`",
-        "",
-        "| runtime | accuracy % | max abs logit Δ vs torch | agreement with torch % | seconds |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, r in rows.items():
-        diff = r.get("max_abs_logit_diff_vs_torch", "")
-        agree = r.get("prediction_agreement_vs_torch", "")
-        lines.append(
-            f"| {name} | {r['accuracy']} | {diff if diff == '' else f'{diff:.2e}'} | {agree} | {r['seconds']} |"
-        )
-    lines += [
-        "",
-        f"int8 drop vs fp32: {drop:.2f} points ({'within' if ok else 'OUTSIDE'} the {MAX_DROP_POINTS}-point bar).",
-    ]
-    report = "\n".join(lines) + "\n"
-    print(report)
+    rows, outputs = {}, {}
+    for name in args.runtimes:
+        start = time.perf_counter()
+        outputs[name] = predict(runners[name](), dev, batch_size=args.batch_size)
+        seconds = time.perf_counter() - start
+        rows[name] = {**score(dev, outputs[name]), "seconds": round(seconds, 2)}
+        print(name, rows[name], flush=True)
+    if "torch" in outputs:
+        for name in [r for r in outputs if r != "torch"]:
+            rows[name]["agreement_vs_torch"] = round(_agreement(outputs[name], outputs["torch"]), 2)
+    main_metric = "f1" if spec.kind == "qa" else spec.main_metric
+    reference = "onnx-fp32" if "onnx-fp32" in rows else "torch"
+    drop = rows[reference][main_metric] - rows["onnx-int8"][main_metric] if "onnx-int8" in rows else 0.0
+    ok = drop <= MAX_DROP_POINTS
+    command = f"python benchmarks/onnx_quality.py {' '.join(sys.argv[1:] if argv is None else argv)}"
+    section = {
+        "model": str(model_dir), "examples": len(dev.examples), "max_length": max_length, "main_metric": main_metric,
+        "rows": rows, "int8_drop": round(drop, 2), "vs": reference, "command": command,
+    }  # fmt: skip
     if not args.limit:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "onnx_quality.md").write_text(report)
-        (RESULTS / "onnx_quality.json").write_text(
-            json.dumps({"model": str(model_dir), "rows": rows, "drop": drop}, indent=2)
-        )
+        _write(spec.name, section)
+    print(f"int8 drop vs {reference}: {drop:.2f} {main_metric} points ({'within' if ok else 'OUTSIDE'} the bar)")
     return 0 if ok else 1
+
+
+def _agreement(ours: dict, theirs: dict) -> float:
+    """% of examples with the same prediction: the same class, or the same answer text."""
+    if "predictions" in ours:
+        same = [ours["predictions"][k] == v for k, v in theirs["predictions"].items()]
+    else:
+        same = (ours["logits"].argmax(-1) == theirs["logits"].argmax(-1)).tolist()
+    return 100 * sum(same) / max(1, len(same))
+
+
+def _write(task: str, section: dict) -> None:
+    path = RESULTS / "onnx_quality.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if "rows" in results:  # the older single-task layout (SST-2 only)
+        results = {}
+    results[task] = section
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    lines = ["# ONNX quality: torch vs ONNX Runtime fp32 vs int8 (full dev sets)", ""]
+    for name, s in results.items():
+        metric_keys = [k for k in next(iter(s["rows"].values())) if k not in ("seconds", "agreement_vs_torch")]
+        lines += [
+            f"## {name}: `{s['model']}`, {s['examples']} examples, max length {s['max_length']}",
+            "",
+            f"`{s['command']}`",
+            "",
+            "| runtime | " + " | ".join(metric_keys) + " | same prediction as torch % | seconds |",
+            "|---|" + "---:|" * (len(metric_keys) + 2),
+        ]
+        for runtime, r in s["rows"].items():
+            cells = " | ".join(f"{r[k]:.2f}" for k in metric_keys)
+            lines.append(f"| {runtime} | {cells} | {r.get('agreement_vs_torch', '')} | {r['seconds']} |")
+        lines += ["", f"int8 drop vs {s['vs']}: {s['int8_drop']:.2f} {s['main_metric']} points "
+                  f"(bar: {MAX_DROP_POINTS}).", ""]  # fmt: skip
+    (RESULTS / "onnx_quality.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -60,20 +59,28 @@ def main() -> None:
         help="cap training examples (applies to the tasks in order; e.g. SST-2 on a CPU budget)",
     )
     p.add_argument("--finetune-epochs", type=float, help="override teacher epochs")
+    p.add_argument("--finetune-lr", type=float, help="override the teacher learning rate (default 5e-5)")
     p.add_argument("--distill-epochs", type=float, help="override student epochs")
     p.add_argument("--samples", type=int, default=2048, help="importance sample size")
+    p.add_argument("--max-length", type=int, help="tokens per example/window (default 128; SQuAD 384)")
+    p.add_argument("--doc-stride", type=int, default=128, help="SQuAD window overlap in tokens (default 128)")
+    p.add_argument("--attention-dropout", type=float, help="attention dropout while training (default the model's 0.1)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    all_results = _load(RESULTS / "quality.json")
     for t_idx, task in enumerate(args.tasks):
         limit = args.train_limit[t_idx] if t_idx < len(args.train_limit) else None
+        max_length = args.max_length or (384 if task.startswith("squad") else 128)
         data = DataConfig(
-            task=task, data_dir=args.data_dir, train_limit=limit, max_length=384 if task.startswith("squad") else 128
+            task=task, data_dir=args.data_dir, train_limit=limit, max_length=max_length, doc_stride=args.doc_stride
         )
         ft, ds, lam = task_defaults(task)
+        ft = replace(ft, attention_dropout=args.attention_dropout)
+        ds = replace(ds, attention_dropout=args.attention_dropout)
         if args.finetune_epochs:
             ft = replace(ft, epochs=args.finetune_epochs)
+        if args.finetune_lr:
+            ft = replace(ft, lr=args.finetune_lr)
         if args.distill_epochs:
             ds = replace(ds, epochs=args.distill_epochs)
         per_row: dict[str, list[dict]] = {}
@@ -81,18 +88,19 @@ def main() -> None:
         for seed in args.seeds:
             base = Path(args.runs_dir) / task / f"seed{seed}"
             teacher_dir = base / "teacher"
-            start = time.time()
             ft_cfg = FinetuneConfig(data=data, output_dir=str(teacher_dir), optim=replace(ft, seed=seed))
             if not finished(teacher_dir, fingerprint(asdict(ft_cfg), [ft_cfg.model])):
                 finetune(ft_cfg)
-            teacher_eval = evaluate(
-                EvaluateConfig(model=str(teacher_dir), data=data, output=str(base / "eval_teacher.json"))
-            )
-            per_row.setdefault("teacher", []).append(_first_split(teacher_eval))
-            budget["teacher"] = budget.get("teacher", 0.0) + time.time() - start
+            if "teacher" in args.rows:
+                teacher_eval = evaluate(
+                    EvaluateConfig(
+                        model=str(teacher_dir), data=data, output=str(base / "eval_teacher.json"), reuse=True
+                    )
+                )
+                per_row.setdefault("teacher", []).append(_first_split(teacher_eval))
+                budget["teacher"] = budget.get("teacher", 0.0) + _train_seconds(teacher_dir)
             for row in [r for r in args.rows if r != "teacher"]:
                 overrides, _ = ROWS[row]
-                start = time.time()
                 cfg = PipelineConfig(
                     data=data,
                     output_dir=str(base / row),
@@ -105,24 +113,51 @@ def main() -> None:
                     **overrides,
                 )
                 results = run_pipeline(cfg)
-                budget[row] = budget.get(row, 0.0) + time.time() - start
+                budget[row] = budget.get(row, 0.0) + _train_seconds(base / row / "student")
                 per_row.setdefault(row, []).append(_first_split(results["moebert"]))
-        all_results[task] = {row: _aggregate(runs) for row, runs in per_row.items()}
-        all_results[task]["_meta"] = {
-            "seeds": args.seeds,
+        settings = {
             "train_limit": limit,
+            "max_length": max_length,
+            "doc_stride": args.doc_stride if task.startswith("squad") else None,
             "finetune": vars_of(ft),
             "distill": vars_of(ds),
             "distill_weight": lam,
-            "wall_seconds": budget,
             "importance_samples": args.samples,
-            "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
         }
-        _write(all_results)
+        command = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
+        rows = {
+            row: {
+                **_aggregate(runs),
+                "seeds": args.seeds,
+                "train_minutes": round(budget[row] / 60 / len(args.seeds), 1),
+                "command": command,
+            }
+            for row, runs in per_row.items()
+        }
+        _merge(task, settings, rows)
+
+
+def _merge(task: str, settings: dict, rows: dict) -> None:
+    """Add this run's rows to the task's table (read afresh: another run may have written meanwhile).
+    Rows made with other training settings are dropped, so one table never mixes budgets."""
+    results = _load(RESULTS / "quality.json")
+    table = results.get(task, {})
+    if table.get("_settings") != settings:
+        if any(not k.startswith("_") for k in table):
+            logging.warning("%s: training settings changed; dropping the rows made with the old ones", task)
+        table = {}
+    results[task] = {**table, **rows, "_settings": settings}
+    _write(results)
 
 
 def vars_of(opt: OptimConfig) -> dict:
-    return {"epochs": opt.epochs, "lr": opt.lr, "batch_size": opt.batch_size, "weight_decay": opt.weight_decay}
+    return {
+        "epochs": opt.epochs,
+        "lr": opt.lr,
+        "batch_size": opt.batch_size,
+        "weight_decay": opt.weight_decay,
+        "attention_dropout": opt.attention_dropout,
+    }
 
 
 def _first_split(results: dict) -> dict:
@@ -145,35 +180,64 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _train_seconds(stage_dir: Path) -> float:
+    """Training wall time of a finished finetune/distill stage (as it ran, not as this run reused it)."""
+    return json.loads((stage_dir / "metrics.json").read_text()).get("train_seconds", 0.0)
+
+
+def _cell(m: dict, key: str) -> str:
+    return f"{m[key]:.2f}" + (f" ± {m[key + '_std']:.2f}" if f"{key}_std" in m else "") if key in m else "–"
+
+
 def _write(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    tmp = RESULTS / ".quality.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(RESULTS / "quality.json")
     lines = ["# Quality: teacher vs MoEBERT (all-MiniLM-L6-v2 teacher, N=4, d_e=384, s=256, hash-random)", ""]
-    for task, rows in results.items():
-        meta = rows.get("_meta", {})
+    lines += _target_lines(results)
+    for task, table in results.items():
+        settings = table.get("_settings", {})
         metrics = MAIN.get(task, ("accuracy",))
-        limit = meta.get("train_limit") or "full"
         lines += [
-            f"## {task} (dev)",
+            f"## {task} (full dev set)",
             "",
-            f"Seeds {meta.get('seeds')}; training examples: {limit}; teacher fine-tuning {meta.get('finetune')}; "
-            f"student {meta.get('distill')}, λ = {meta.get('distill_weight', '?')}; importance on "
-            f"{meta.get('importance_samples')} training examples. Command: `{meta.get('command', '?')}`",
+            f"Training examples: {settings.get('train_limit') or 'all'}; max length {settings.get('max_length')}"
+            + (f", doc stride {settings['doc_stride']}" if settings.get("doc_stride") else "")
+            + f"; teacher fine-tuning {settings.get('finetune')}; student {settings.get('distill')}, "
+            f"λ = {settings.get('distill_weight')}; importance on {settings.get('importance_samples')} training "
+            "examples. Mean ± std over the seeds listed.",
             "",
-            "| row | " + " | ".join(metrics) + " | wall min | what |",
-            "|---|" + "---:|" * (len(metrics) + 1) + "---|",
+            "| row | " + " | ".join(metrics) + " | seeds | train min/seed | what |",
+            "|---|" + "---:|" * len(metrics) + "---|---:|---|",
         ]
-        wall = meta.get("wall_seconds", {})
-        for row, m in rows.items():
-            if row.startswith("_"):
-                continue
-            cells = [f"{m[k]:.2f}" + (f" ± {m[k + '_std']:.2f}" if f"{k}_std" in m else "") for k in metrics if k in m]
+        order = ["teacher", *ROWS]
+        for row in sorted((r for r in table if not r.startswith("_")), key=order.index):
+            m = table[row]
             what = "dense MiniLM-L6 fine-tuned on the task" if row == "teacher" else ROWS[row][1]
-            minutes = f"{wall[row] / 60:.0f}" if row in wall else "?"
-            lines.append(f"| {row} | " + " | ".join(cells) + f" | {minutes} | {what} |")
-        lines.append("")
+            cells = " | ".join(_cell(m, k) for k in metrics)
+            lines.append(f"| {row} | {cells} | {m.get('seeds')} | {m.get('train_minutes', '?')} | {what} |")
+        commands = sorted({m["command"] for r, m in table.items() if not r.startswith("_") and "command" in m})
+        lines += ["", "Commands:", "", *[f"    {c}" for c in commands], ""]
     (RESULTS / "quality.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+TARGET = {"sst2": "accuracy", "mrpc": "accuracy", "squad": "f1"}  # the issue's average: SST-2 acc, MRPC acc, SQuAD F1
+
+
+def _target_lines(results: dict) -> list[str]:
+    have = [t for t in TARGET if all(r in results.get(t, {}) for r in ("teacher", "moebert", "dense_pruned"))]
+    if not have:
+        return []
+    avg = {r: statistics.mean(results[t][r][TARGET[t]] for t in have) for r in ("teacher", "moebert", "dense_pruned")}
+    return [
+        f"Average over {', '.join(f'{t} {TARGET[t]}' for t in have)}: teacher {avg['teacher']:.2f}, "
+        f"MoEBERT {avg['moebert']:.2f} ({avg['moebert'] - avg['teacher']:+.2f} vs teacher; target ≥ −0.5), "
+        f"dense-pruned {avg['dense_pruned']:.2f} (MoEBERT {avg['moebert'] - avg['dense_pruned']:+.2f}; "
+        "target ≥ +1.0).",
+        "",
+    ]
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ class OnnxBackend:
                 raise ValueError("device 'cuda' asked for, but onnxruntime has no CUDA provider (onnxruntime-gpu)")
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(file), options, providers=providers)
+        self.name = "onnx" if precision == "fp32" else f"onnx-{precision}"
         self.file = file
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_names = {i.name for i in self.session.get_inputs()}
@@ -106,7 +107,26 @@ class OnnxBackend:
         return dict(zip(self.output_names, outputs, strict=True))
 
 
+def resolve_backend(path: str | Path, backend: str, precision: str, device: str) -> tuple[str, str]:
+    """("torch" | "onnx", "fp32" | "int8") for one model. `auto` picks, on CPU, the model's int8 ONNX
+    export, then its fp32 one, then torch: the fastest CPU runtime that was exported for it (exporting
+    with --quantize is where int8 is checked against fp32). On CUDA, auto is torch (the Triton kernel)."""
+    if backend == "auto":
+        if device != "cpu":
+            return "torch", "fp32"
+        backend = "onnx" if any(onnx_file(path, p).is_file() for p in ONNX_FILES) else "torch"
+    if backend == "onnx" and precision == "auto":
+        precision = "int8" if onnx_file(path, "int8").is_file() else "fp32"
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if backend == "torch" and not any((Path(path) / name).is_file() for name in weights):
+        exported = any(onnx_file(path, p).is_file() for p in ONNX_FILES)
+        hint = "; it has an ONNX export: serve it with --backend onnx (or auto)" if exported else ""
+        raise FileNotFoundError(f"{path} has no torch weights (model.safetensors){hint}")
+    return backend, "fp32" if precision == "auto" else precision
+
+
 def make_backend(path: str, backend: str, precision: str, device: str, threads: int | None) -> Backend:
+    backend, precision = resolve_backend(path, backend, precision, device)
     if backend == "onnx":
         return OnnxBackend(path, precision, device, threads)
     return TorchBackend(path, device, threads)

@@ -7,8 +7,18 @@ import argparse
 
 # flag → settings field; a flag left out keeps the env var (MOEBERT_SERVE_*) or the default.
 SERVE_FLAGS: list[tuple[str, dict]] = [
-    ("--backend", {"choices": ["torch", "onnx"], "help": "torch (default) or onnx (ONNX Runtime)"}),
-    ("--onnx-precision", {"choices": ["fp32", "int8"], "help": "onnx backend: fp32 (default) or int8 export"}),
+    (
+        "--backend",
+        {
+            "choices": ["auto", "torch", "onnx"],
+            "help": "auto (default: a model's ONNX export on CPU when it has one, int8 first; else torch), "
+            "torch, or onnx (ONNX Runtime)",
+        },
+    ),
+    (
+        "--onnx-precision",
+        {"choices": ["auto", "fp32", "int8"], "help": "onnx backend: auto (default: int8 when exported), fp32, int8"},
+    ),
     ("--device", {"choices": ["cpu", "cuda"], "help": "cpu (default) or cuda"}),
     ("--threads", {"type": int, "help": "intra-op threads (default: all cores)"}),
     ("--host", {"help": "address to listen on (default 127.0.0.1; 0.0.0.0 in a container)"}),
@@ -88,7 +98,7 @@ def bundled_models(models_dir: str | None) -> dict[str, str]:
 def check_models(settings) -> None:
     """Fail fast, with one clear line, on what would fail after startup: missing folders, wrong heads."""
     from moebert.loading import load_config, task_of
-    from server.backends import onnx_file
+    from server.backends import onnx_file, resolve_backend
     from server.settings import default_models_dir
 
     if not settings.models:
@@ -100,10 +110,11 @@ def check_models(settings) -> None:
         task = task_of(load_config(path))
         if task not in ("classification", "qa"):
             raise ValueError(f"model {name!r} ({path}) has no classification or QA head")
-        if settings.backend == "onnx" and not onnx_file(path, settings.onnx_precision).is_file():
+        backend, precision = resolve_backend(path, settings.backend, settings.onnx_precision, settings.device)
+        if backend == "onnx" and not onnx_file(path, precision).is_file():
             raise FileNotFoundError(
-                f"model {name!r}: {onnx_file(path, settings.onnx_precision)} missing; run `moebert export-onnx {path}"
-                + (" --quantize`" if settings.onnx_precision == "int8" else "`")
+                f"model {name!r}: {onnx_file(path, precision)} missing; run `moebert export-onnx {path}"
+                + (" --quantize`" if precision == "int8" else "`")
             )
 
 

@@ -51,9 +51,12 @@ class ServerSettings(BaseSettings):
         default_factory=dict, description="NAME → checkpoint folder (the task comes from the checkpoint)"
     )
     models_dir: str | None = Field(None, description="with no models given: serve every checkpoint in this folder")
-    backend: Literal["torch", "onnx"] = "torch"
-    onnx_precision: Literal["fp32", "int8"] = Field(
-        "fp32", description="onnx backend: which export to run (see `moebert export-onnx --quantize`)"
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="auto: per model, its ONNX export on CPU when it has one (int8 first: the fastest), else torch",
+    )
+    onnx_precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto", description="onnx backend: which export to run (auto: int8 when exported, else fp32)"
     )
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int | None = Field(None, ge=1, le=256, description="intra-op threads (default: all cores)")

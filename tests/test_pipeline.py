@@ -115,3 +115,48 @@ def test_only_rank_zero_publishes_a_stage_output(tmp_path, monkeypatch):
         (tmp / "weights").write_text("rank 1")
     assert (tmp_path / "out" / "weights").read_text() == "rank 0" and finished(tmp_path / "out", "fp")
     assert not tmp.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_evaluation_is_reused_only_when_it_is_the_same_work(tiny_cls_dir, custom_data, tmp_path):
+    from training.common import DataConfig
+    from training.evaluate import EvaluateConfig, evaluate
+
+    train, dev = custom_data
+    out = tmp_path / "run"
+    assert main(pipeline_args(tiny_cls_dir, train, dev, out)) == 0
+    saved = json.loads((out / "eval_moebert.json").read_text())["results"]["dev"]
+    # The student's kept epoch was scored during distillation on this very split: reused, not recomputed...
+    assert saved["source"].startswith("kept epoch")
+    # ... and it is what a fresh evaluation of the saved weights gives.
+    data = DataConfig(task="custom", data_dir=str(train), dev_file=str(dev), max_length=32)
+    fresh = evaluate(EvaluateConfig(model=str(out / "student"), data=data, output=str(tmp_path / "fresh.json")))
+    assert fresh["dev"]["accuracy"] == saved["accuracy"]
+    # Other data settings are other work: evaluated afresh, not reused.
+    shorter = evaluate(
+        EvaluateConfig(model=str(out / "student"), data=DataConfig(**{**vars(data), "max_length": 16}),
+                       output=str(out / "eval_moebert.json"), reuse=True)
+    )  # fmt: skip
+    assert "source" not in shorter["dev"]
+    assert json.loads((out / "eval_moebert.json").read_text())["results"] == shorter
+
+
+def test_attention_dropout_setting(tiny_cls_dir, custom_data, tmp_path):
+    from training.checkpoint import fingerprint
+    from training.common import DataConfig, tokenizer_for
+    from training.data import load_split
+    from training.finetune import task_loss
+    from training.loop import OptimConfig, fit
+
+    # Unset, the newer setting leaves older stages' fingerprints as they were; set, it counts.
+    assert fingerprint({"lr": 1.0, "optim": {"attention_dropout": None}}, []) == fingerprint(
+        {"lr": 1.0, "optim": {}}, []
+    )
+    assert fingerprint({"optim": {"attention_dropout": 0.0}}, []) != fingerprint({"optim": {}}, [])
+    train, _ = custom_data
+    model = load_model(tiny_cls_dir)
+    data = DataConfig(task="custom", data_dir=str(train), max_length=32)
+    loaded = load_split(data.spec(), train, tokenizer_for(str(tiny_cls_dir)), max_length=32, training=True)
+    opt = OptimConfig(epochs=1, batch_size=8, max_steps=1, attention_dropout=0.0)
+    fit(model, loaded, opt, task_loss, None, "accuracy", lambda m, metrics: None, tmp_path / "log")
+    rates = {m.dropout_p for m in model.modules() if hasattr(m, "dropout_p")}
+    assert rates == {0.0} and model.config.attention_probs_dropout_prob > 0  # the saved config keeps its own

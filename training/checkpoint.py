@@ -14,11 +14,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 STAGE_FILE = "stage.json"
+# Settings added after finished stages existed: left out of the fingerprint while unset (None), so
+# those stages stay valid; once set they count like any other setting.
+ADDED_LATER = frozenset({"attention_dropout"})
+
+
+def _canonical(value):
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items() if not (k in ADDED_LATER and v is None)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def fingerprint(config: dict, inputs: list[str | Path | None]) -> str:
     """Hash of a stage's config and of its input folders' own fingerprints (or file stats)."""
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(_canonical(config), sort_keys=True, default=str).encode())
     for item in inputs:
         if item is None:
             continue

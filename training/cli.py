@@ -62,6 +62,11 @@ def add_optim_args(p: argparse.ArgumentParser, lr: float | None, epochs: float |
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warm-up (default 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1.0)")
     g.add_argument("--max-steps", type=int, help="stop after this many steps")
+    g.add_argument(
+        "--attention-dropout",
+        type=float,
+        help="attention-probability dropout while training (default: the model's own; 0 is about 2x faster on CPU)",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
@@ -78,6 +83,7 @@ def optim_config(args, default=None):
         grad_clip=args.grad_clip,
         seed=args.seed,
         max_steps=args.max_steps,
+        attention_dropout=args.attention_dropout,
     )
 
 

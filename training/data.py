@@ -491,19 +491,24 @@ def predict(model, data: TaskData, *, batch_size: int = 64, device="cpu") -> dic
     """
     was_training = model.training
     model.eval()
-    starts, ends, logits = [], [], []
+    # Batches of similar length waste little on padding; results go back to dataset order.
+    n = len(data.dataset)
+    order = sorted(range(n), key=lambda i: len(data.dataset[i]["input_ids"]))
+    starts, ends, logits = [None] * n, [None] * n, [None] * n
     try:
-        for begin in range(0, len(data.dataset), batch_size):
-            batch = data.collate([data.dataset[i] for i in range(begin, min(begin + batch_size, len(data.dataset)))])
+        for begin in range(0, n, batch_size):
+            rows = order[begin : begin + batch_size]
+            batch = data.collate([data.dataset[i] for i in rows])
             inputs = {k: v.to(device) for k, v in batch.items() if k in SEQUENCE_KEYS}
             out = model(**inputs)
             if data.task.kind == "qa":
                 lengths = batch["attention_mask"].sum(-1).tolist()
-                for row, n in enumerate(lengths):
-                    starts.append(out.start_logits[row, :n].float().cpu().numpy())
-                    ends.append(out.end_logits[row, :n].float().cpu().numpy())
+                for j, (i, length) in enumerate(zip(rows, lengths, strict=True)):
+                    starts[i] = out.start_logits[j, :length].float().cpu().numpy()
+                    ends[i] = out.end_logits[j, :length].float().cpu().numpy()
             else:
-                logits.append(out.logits.float().cpu())
+                for j, i in enumerate(rows):
+                    logits[i] = out.logits[j].float().cpu()
     finally:
         model.train(was_training)
     if data.task.kind == "qa":
@@ -511,7 +516,7 @@ def predict(model, data: TaskData, *, batch_size: int = 64, device="cpu") -> dic
 
         return decode_predictions(data, starts, ends)
     num_labels = data.task.num_labels
-    return {"logits": torch.cat(logits) if logits else torch.empty(0, num_labels)}
+    return {"logits": torch.stack(logits) if logits else torch.empty(0, num_labels)}
 
 
 _METRICS = {"accuracy": M.accuracy, "f1": M.f1, "mcc": M.matthews, "pearson": M.pearson, "spearman": M.spearman}

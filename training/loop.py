@@ -34,6 +34,9 @@ class OptimConfig:
     seed: int = 0
     log_every: int = 20
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    # Attention-probability dropout while training (None: the checkpoint's own). 0 lets the CPU use
+    # its fused attention kernel: about 2x faster steps at 256 tokens. The saved config is unchanged.
+    attention_dropout: float | None = None
 
 
 @dataclass
@@ -95,6 +98,10 @@ def fit(
     d = Distributed.setup()
     device = default_device(d)
     model.to(device).train()
+    if opt.attention_dropout is not None:
+        for module in model.modules():
+            if hasattr(module, "dropout_p"):  # moebert.modeling's self-attention
+                module.dropout_p = opt.attention_dropout
     torch.manual_seed(opt.seed)
     if d.world_size > 1:
         sampler = DistributedSampler(train_data.dataset, d.world_size, d.rank, shuffle=True, seed=opt.seed)

@@ -119,7 +119,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     for name, path in (("teacher", teacher), ("moebert", student)):
         if name == "teacher" and not cfg.evaluate_teacher:
             continue
-        results[name] = evaluate(EvaluateConfig(model=path, data=cfg.data, output=str(out / f"eval_{name}.json")))
+        results[name] = evaluate(
+            EvaluateConfig(model=path, data=cfg.data, output=str(out / f"eval_{name}.json"), reuse=True)
+        )
     write_json(out / "results.json", {"config": asdict(cfg), "results": results})
     return results
 
