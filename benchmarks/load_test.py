@@ -36,7 +36,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("MOEBERT_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results"
-NAME = "load_test"  # output file stem; --name changes it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +326,7 @@ def run(args) -> list[Result]:
 
 def write_report(results: list[Result], args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     lines = [
         "# Load test",
         "",
@@ -343,7 +342,7 @@ def write_report(results: list[Result], args) -> None:
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or ""
         lines.append(f"| {r.config} | {r.mode} | {r.throughput} | {r.p50_ms} | {r.p95_ms} | {r.p99_ms} | {errors} |")
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -363,7 +362,7 @@ def write_report(results: list[Result], args) -> None:
     for ax in (ax1, ax2):
         ax.set_xticks(range(len(closed)), labels, rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{NAME}.png", dpi=120)
+    fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
 
 
 def main(argv=None) -> int:
@@ -384,15 +383,13 @@ def main(argv=None) -> int:
     p.add_argument("--naive-server", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    global NAME
-    NAME = args.name
     if args.naive_server:  # the baseline, in its own process
         import uvicorn
 
         uvicorn.run(naive_app(args.naive_server), host="127.0.0.1", port=args.port, log_level="warning")
         return 0
     write_report(run(args), args)
-    print((RESULTS / f"{NAME}.md").read_text())
+    print((RESULTS / f"{args.name}.md").read_text())
     return 0
 
 

@@ -209,29 +209,27 @@ def create_app(settings: ServerSettings) -> FastAPI:
     install_error_handlers(app, lambda reason: state.metrics.failures.labels(reason).inc())
     app.add_middleware(Guard, state=state)
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES, tags=["inference"])
-    async def classify_endpoint(body: ClassifyRequest, request: Request) -> Response:
-        from server.classify import classify
-
-        model = state.registry.get(body.model, "classification")
+    async def infer(handle, body, request: Request, task: str) -> Response:
+        """Run one inference handler; a client that left gets a 499 (nobody reads it) and a metric."""
+        model = state.registry.get(body.model, task)
         try:
-            response, timings = await classify(body, request, model, state)
+            response, timings = await handle(body, request, model, state)
         except ClientGone:
             state.metrics.failures.labels("client_gone").inc()
             return Response(status_code=499)
         return json_response(response, timings)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES, tags=["inference"])
+    async def classify_endpoint(body: ClassifyRequest, request: Request) -> Response:
+        from server.classify import classify
+
+        return await infer(classify, body, request, "classification")
 
     @app.post("/v1/qa", response_model=QAResponse, responses=ERROR_RESPONSES, tags=["inference"])
     async def qa_endpoint(body: QARequest, request: Request) -> Response:
         from server.question_answering import answer
 
-        model = state.registry.get(body.model, "qa")
-        try:
-            response, timings = await answer(body, request, model, state)
-        except ClientGone:
-            state.metrics.failures.labels("client_gone").inc()
-            return Response(status_code=499)
-        return json_response(response, timings)
+        return await infer(answer, body, request, "qa")
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"])
     async def models_endpoint() -> ModelList:

@@ -1,5 +1,6 @@
 """Smoke test of the out-of-the-box service: `moebert serve` with no --model serves the bundled
-models/ folder; the SST-2 MoEBERT classifies a clearly positive review as positive."""
+models/ folder, each on the runtime `auto` picks (their int8 ONNX exports); the SST-2 MoEBERT calls a
+clearly positive review positive and the SQuAD MoEBERT answers a SQuAD v1.1 dev question correctly."""
 
 from __future__ import annotations
 
@@ -9,24 +10,58 @@ import httpx
 import pytest
 
 from server.process import ServerProcess
+from training.metrics import squad_exact
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
+# The first question of SQuAD v1.1 dev (Rajpurkar et al., 2016; CC BY-SA 4.0) and its gold answer.
+CONTEXT = (
+    "Super Bowl 50 was an American football game to determine the champion of the National Football League "
+    "(NFL) for the 2015 season. The American Football Conference (AFC) champion Denver Broncos defeated the "
+    "National Football Conference (NFC) champion Carolina Panthers 24–10 to earn their third Super Bowl title. "
+    "The game was played on February 7, 2016, at Levi's Stadium in the San Francisco Bay Area at Santa Clara, "
+    "California."
+)
+QUESTION, GOLD = "Which NFL team represented the AFC at Super Bowl 50?", "Denver Broncos"
+
+needs_bundle = pytest.mark.skipif(
+    not all((MODELS / name / "config.json").is_file() for name in ("sst2", "squad")),
+    reason="the bundled models (models/sst2, models/squad) are missing",
+)
 
 
-@pytest.mark.skipif(not (MODELS / "sst2" / "config.json").is_file(), reason="no bundled SST-2 model in models/")
-def test_default_service_serves_the_bundled_sentiment_model():
+@pytest.fixture(scope="module")
+def default_service():
     server = ServerProcess({}, "--threads", "1").start()
-    try:
-        models = httpx.get(server.url + "/v1/models").json()["models"]
-        assert "sst2" in {m["name"] for m in models}
-        sst2 = next(m for m in models if m["name"] == "sst2")
-        assert sst2["experts"] == 4 and sst2["labels"] == ["negative", "positive"]
-        reply = httpx.post(
-            server.url + "/v1/classify",
-            json={"inputs": ["a gorgeous, witty, seductive movie.", "a tedious, joyless mess."], "model": "sst2"},
-        )
-        assert reply.status_code == 200, reply.text
-        labels = [r["label"] for r in reply.json()["results"]]
-        assert labels == ["positive", "negative"]
-    finally:
-        server.stop()
+    yield server
+    server.stop()
+
+
+@needs_bundle
+def test_default_service_serves_both_bundled_models(default_service):
+    models = {m["name"]: m for m in httpx.get(default_service.url + "/v1/models").json()["models"]}
+    assert {"sst2", "squad"} <= set(models)
+    assert models["sst2"]["task"] == "classification" and models["squad"]["task"] == "qa"
+    assert models["sst2"]["experts"] == 4 and models["sst2"]["labels"] == ["negative", "positive"]
+    assert {models[name]["backend"] for name in ("sst2", "squad")} == {"onnx-int8"}
+
+
+@needs_bundle
+def test_bundled_sentiment_model(default_service):
+    reply = httpx.post(
+        default_service.url + "/v1/classify",
+        json={"inputs": ["a gorgeous, witty, seductive movie.", "a tedious, joyless mess."], "model": "sst2"},
+    )
+    assert reply.status_code == 200, reply.text
+    assert [r["label"] for r in reply.json()["results"]] == ["positive", "negative"]
+
+
+@needs_bundle
+def test_bundled_qa_model_answers_a_squad_dev_question(default_service):
+    reply = httpx.post(
+        default_service.url + "/v1/qa", json={"question": QUESTION, "context": CONTEXT, "model": "squad"}, timeout=30
+    )
+    assert reply.status_code == 200, reply.text
+    best = reply.json()["results"][0]["answers"][0]
+    # Correct as SQuAD's official script counts it (exact match after its answer normalisation).
+    assert squad_exact(best["answer"], GOLD) == 1.0, best
+    assert CONTEXT[best["start"] : best["end"]] == best["answer"]
