@@ -93,8 +93,9 @@ def main(argv=None) -> int:
         for name in [r for r in outputs if r != "torch"]:
             rows[name]["agreement_vs_torch"] = round(_agreement(outputs[name], outputs["torch"]), 2)
     main_metric = "f1" if spec.kind == "qa" else spec.main_metric
-    reference = "onnx-fp32" if "onnx-fp32" in rows else "torch"
-    drop = rows[reference][main_metric] - rows["onnx-int8"][main_metric] if "onnx-int8" in rows else 0.0
+    reference = next((r for r in ("onnx-fp32", "torch") if r in rows), None)
+    compared = reference is not None and "onnx-int8" in rows
+    drop = rows[reference][main_metric] - rows["onnx-int8"][main_metric] if compared else 0.0
     ok = drop <= MAX_DROP_POINTS
     command = f"python benchmarks/onnx_quality.py {' '.join(sys.argv[1:] if argv is None else argv)}"
     section = {
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
     }  # fmt: skip
     if not args.limit:
         _write(spec.name, section)
-    print(f"int8 drop vs {reference}: {drop:.2f} {main_metric} points ({'within' if ok else 'OUTSIDE'} the bar)")
+    if compared:
+        print(f"int8 drop vs {reference}: {drop:.2f} {main_metric} points ({'within' if ok else 'OUTSIDE'} the bar)")
     return 0 if ok else 1
 
 
@@ -138,8 +140,11 @@ def _write(task: str, section: dict) -> None:
         for runtime, r in s["rows"].items():
             cells = " | ".join(f"{r[k]:.2f}" for k in metric_keys)
             lines.append(f"| {runtime} | {cells} | {r.get('agreement_vs_torch', '')} | {r['seconds']} |")
-        lines += ["", f"int8 drop vs {s['vs']}: {s['int8_drop']:.2f} {s['main_metric']} points "
-                  f"(bar: {MAX_DROP_POINTS}).", ""]  # fmt: skip
+        if s["vs"] and "onnx-int8" in s["rows"]:
+            lines += ["", f"int8 drop vs {s['vs']}: {s['int8_drop']:.2f} {s['main_metric']} points "
+                      f"(bar: {MAX_DROP_POINTS}).", ""]  # fmt: skip
+        else:
+            lines.append("")
     (RESULTS / "onnx_quality.md").write_text("\n".join(lines))
 
 
