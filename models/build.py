@@ -47,6 +47,11 @@ def main() -> None:
     p.add_argument("--max-length", type=int, help="tokens per row the served model takes (default: the model's)")
     p.add_argument("--rebuild", required=True, help="the command that retrains the run")
     p.add_argument("--budget", default="", help="training budget, in words")
+    p.add_argument("--why", default="", help="why this form, in words (goes on the card)")
+    p.add_argument(
+        "--served-eval",
+        help="fp16: `moebert evaluate models/NAME ... --output FILE` of the bundled form (its column on the card)",
+    )
     args = p.parse_args()
 
     run = Path(args.run)
@@ -61,6 +66,8 @@ def main() -> None:
     metrics = {"teacher": teacher, "moebert": moe}
     if args.format == "fp16":
         model.to(torch.float16).save_pretrained(tmp)
+        if args.served_eval:
+            metrics["moebert_fp16"] = _metrics(Path(args.served_eval))
     else:
         metrics["moebert_int8"] = _int8_metrics(student, args.task, moe)
         (tmp / "onnx").mkdir()
@@ -98,11 +105,15 @@ def _int8_metrics(student: Path, task: str, fp32: dict) -> dict:
 
 
 def card(args, config, metrics: dict) -> str:
-    teacher, moe, int8 = metrics["teacher"], metrics["moebert"], metrics.get("moebert_int8")
-    served = "int8 ONNX (served)" if int8 else "fp16 (served)"
-    header = "| metric | teacher (dense MiniLM-L6) | MoEBERT fp32 |" + (f" MoEBERT {served} |" if int8 else "")
+    teacher, moe = metrics["teacher"], metrics["moebert"]
+    int8 = "moebert_int8" in metrics
+    served = metrics.get("moebert_int8") or metrics.get("moebert_fp16")
+    label = "int8 ONNX" if int8 else "fp16"
+    header = "| metric | teacher (dense MiniLM-L6) | MoEBERT fp32 |" + (
+        f" MoEBERT {label} (served) |" if served else ""
+    )
     rows = "\n".join(
-        f"| {k} | {teacher.get(k, float('nan')):.2f} | {v:.2f} |" + (f" {int8[k]:.2f} |" if int8 else "")
+        f"| {k} | {teacher.get(k, float('nan')):.2f} | {v:.2f} |" + (f" {served[k]:.2f} |" if served else "")
         for k, v in moe.items()
     )
     form = (
@@ -110,10 +121,25 @@ def card(args, config, metrics: dict) -> str:
         "`moebert serve` runs it on ONNX Runtime. The torch weights are not bundled (size); the rebuild "
         "command below recreates them."
         if int8
-        else "Stored in fp16 safetensors (loaded back in fp32)."
-    )
-    build = shlex.join(["python", "models/build.py", args.name, args.run, "--task", args.task, "--format", args.format]
-                       + (["--max-length", str(args.max_length)] if args.max_length else []))  # fmt: skip
+        else "Stored in fp16 safetensors (loaded back in fp32); `moebert serve` runs it on torch."
+    ) + (f" {args.why}" if args.why else "")
+    length = ["--max-length", str(args.max_length)] if args.max_length else []
+    student = str(Path(args.run) / args.row / "student")
+    build = shlex.join(["python", "models/build.py", args.name, args.run, "--task", args.task, "--format", args.format,
+                        *length])  # fmt: skip
+    rebuild = [args.rebuild]
+    if int8:
+        rebuild.append(
+            shlex.join(["python", "benchmarks/onnx_quality.py", "--model", student, "--task", args.task, *length])
+        )
+    if args.served_eval:
+        rebuild.append(build + ' --rebuild "..." --budget "..."')
+        rebuild.append(shlex.join(["moebert", "evaluate", f"models/{args.name}", "--task", args.task, *length,
+                                   "--output", args.served_eval]))  # fmt: skip
+        rebuild.append(build + f' --served-eval {args.served_eval} --rebuild "..." --budget "..."')
+    else:
+        rebuild.append(build + ' --rebuild "..." --budget "..."')
+    rebuild = "\n".join(rebuild)
     max_length = f"- Max length: {args.max_length} tokens per row, as trained\n" if args.max_length else ""
     return f"""# {args.name}: MoEBERT ({args.task})
 
@@ -130,23 +156,13 @@ project's own pipeline from the offline teacher all-MiniLM-L6-v2 (PyPI `gt-all-m
 ## Dev metrics (full dev set)
 
 {header}
-|---|---:|---:|{"---:|" if int8 else ""}
+|---|---:|---:|{"---:|" if served else ""}
 {rows}
 
 ## Rebuild
 
 ```bash
-{args.rebuild}
-{
-        "python benchmarks/onnx_quality.py --model "
-        + str(Path(args.run) / args.row / "student")
-        + " --task "
-        + args.task
-        + (" --max-length " + str(args.max_length) if args.max_length else "")
-        if int8
-        else ""
-    }
-{build} --rebuild "..." --budget "..."
+{rebuild}
 ```
 
 ## Licence and attribution
