@@ -196,6 +196,11 @@ def _write(results: dict) -> None:
     tmp.replace(RESULTS / "quality.json")
     lines = ["# Quality: teacher vs MoEBERT (all-MiniLM-L6-v2 teacher, N=4, d_e=384, s=256, hash-random)", ""]
     lines += _target_lines(results)
+    if (RESULTS / "quality_analysis.md").is_file():
+        lines += [
+            "What the numbers say, what was tried, and why: [quality_analysis.md](quality_analysis.md).",
+            "",
+        ]
     for task, table in results.items():
         settings = table.get("_settings", {})
         metrics = MAIN.get(task, ("accuracy",))
