@@ -24,6 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def layer_mse(student, teacher, data, batch_size: int = 64) -> list[float]:
     """Mean over dev tokens of MSE(h_ℓ, h_ℓ^teacher) for ℓ = 0 (embeddings) … L."""
     from training.data import SEQUENCE_KEYS
+    from training.distill import hidden_mse
 
     totals, tokens = None, 0
     for begin in range(0, len(data.dataset), batch_size):
@@ -31,10 +32,11 @@ def layer_mse(student, teacher, data, batch_size: int = 64) -> list[float]:
         inputs = {k: v for k, v in batch.items() if k in SEQUENCE_KEYS}
         hs = student(**inputs, output_hidden_states=True).hidden_states  # L+1 × [B, T, d]
         ht = teacher(**inputs, output_hidden_states=True).hidden_states
-        valid = inputs["attention_mask"].bool()
-        sums = torch.stack([((a[valid] - b[valid]) ** 2).mean(-1).sum() for a, b in zip(hs, ht, strict=True)])
+        mask = inputs["attention_mask"]
+        n = int(mask.sum())  # the batch's mean, weighted by its tokens, gives the mean over all dev tokens
+        sums = torch.stack([hidden_mse([a], [b], mask) * n for a, b in zip(hs, ht, strict=True)])
         totals = sums if totals is None else totals + sums
-        tokens += int(valid.sum())
+        tokens += n
     return (totals / tokens).tolist()
 
 

@@ -78,10 +78,7 @@ class OnnxBackend:
 
         file = onnx_file(path, precision)
         if not file.is_file():
-            raise FileNotFoundError(
-                f"{file} not found: export it first with `moebert export-onnx {path}`"
-                + (" --quantize" if precision == "int8" else "")
-            )
+            raise FileNotFoundError(_missing_export(path, precision))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
@@ -107,22 +104,29 @@ class OnnxBackend:
         return dict(zip(self.output_names, outputs, strict=True))
 
 
+def _missing_export(path: str | Path, precision: str) -> str:
+    return f"{onnx_file(path, precision)} not found: export it first with `moebert export-onnx {path}" + (
+        " --quantize`" if precision == "int8" else "`"
+    )
+
+
 def resolve_backend(path: str | Path, backend: str, precision: str, device: str) -> tuple[str, str]:
-    """("torch" | "onnx", "fp32" | "int8") for one model. `auto` picks, on CPU, the model's int8 ONNX
-    export, then its fp32 one, then torch: the fastest CPU runtime that was exported for it (exporting
-    with --quantize is where int8 is checked against fp32). On CUDA, auto is torch (the Triton kernel)."""
+    """("torch" | "onnx", "fp32" | "int8") for one model, after checking that the files this runtime
+    needs are there (FileNotFoundError, saying what to do, if not). `auto` picks, on CPU, the model's
+    int8 ONNX export, then its fp32 one, then torch: the fastest CPU runtime that was exported for it
+    (exporting with --quantize is where int8 is checked against fp32). On CUDA, auto is torch (Triton)."""
+    exported = [p for p in ONNX_FILES if onnx_file(path, p).is_file()]
     if backend == "auto":
-        if device != "cpu":
-            return "torch", "fp32"
-        backend = "onnx" if any(onnx_file(path, p).is_file() for p in ONNX_FILES) else "torch"
-    if backend == "onnx" and precision == "auto":
-        precision = "int8" if onnx_file(path, "int8").is_file() else "fp32"
+        backend = "onnx" if exported and device == "cpu" else "torch"
+    if precision == "auto":
+        precision = "int8" if backend == "onnx" and "int8" in exported else "fp32"
+    if backend == "onnx" and precision not in exported:
+        raise FileNotFoundError(_missing_export(path, precision))
     weights = ("model.safetensors", "model.safetensors.index.json")
     if backend == "torch" and not any((Path(path) / name).is_file() for name in weights):
-        exported = any(onnx_file(path, p).is_file() for p in ONNX_FILES)
         hint = "; it has an ONNX export: serve it with --backend onnx (or auto)" if exported else ""
         raise FileNotFoundError(f"{path} has no torch weights (model.safetensors){hint}")
-    return backend, "fp32" if precision == "auto" else precision
+    return backend, precision
 
 
 def make_backend(path: str, backend: str, precision: str, device: str, threads: int | None) -> Backend:

@@ -98,7 +98,7 @@ def bundled_models(models_dir: str | None) -> dict[str, str]:
 def check_models(settings) -> None:
     """Fail fast, with one clear line, on what would fail after startup: missing folders, wrong heads."""
     from moebert.loading import load_config, task_of
-    from server.backends import onnx_file, resolve_backend
+    from server.backends import resolve_backend
     from server.settings import default_models_dir
 
     if not settings.models:
@@ -110,12 +110,10 @@ def check_models(settings) -> None:
         task = task_of(load_config(path))
         if task not in ("classification", "qa"):
             raise ValueError(f"model {name!r} ({path}) has no classification or QA head")
-        backend, precision = resolve_backend(path, settings.backend, settings.onnx_precision, settings.device)
-        if backend == "onnx" and not onnx_file(path, precision).is_file():
-            raise FileNotFoundError(
-                f"model {name!r}: {onnx_file(path, precision)} missing; run `moebert export-onnx {path}"
-                + (" --quantize`" if precision == "int8" else "`")
-            )
+        try:
+            resolve_backend(path, settings.backend, settings.onnx_precision, settings.device)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"model {name!r}: {e}") from None
 
 
 def run_serve(args: argparse.Namespace) -> None:

@@ -382,6 +382,10 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.columns["input_ids"])
 
+    def lengths(self) -> list[int]:
+        """Tokens per item, without building the items."""
+        return [len(ids) for ids in self.columns["input_ids"]]
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(v[i]).to(self.dtypes.get(k, torch.long)) for k, v in self.columns.items()}
 
@@ -493,7 +497,7 @@ def predict(model, data: TaskData, *, batch_size: int = 64, device="cpu") -> dic
     model.eval()
     # Batches of similar length waste little on padding; results go back to dataset order.
     n = len(data.dataset)
-    order = sorted(range(n), key=lambda i: len(data.dataset[i]["input_ids"]))
+    order = sorted(range(n), key=data.dataset.lengths().__getitem__)
     starts, ends, logits = [None] * n, [None] * n, [None] * n
     try:
         for begin in range(0, n, batch_size):
