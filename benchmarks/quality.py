@@ -65,6 +65,15 @@ def main() -> None:
     p.add_argument("--max-length", type=int, help="tokens per example/window (default 128; SQuAD 384)")
     p.add_argument("--doc-stride", type=int, default=128, help="SQuAD window overlap in tokens (default 128)")
     p.add_argument("--attention-dropout", type=float, help="attention dropout while training (default the model's 0.1)")
+    p.add_argument(
+        "--distill-weight", type=float, help="λ, the distillation weight (default the task's, METHOD.md Table 7)"
+    )
+    p.add_argument(
+        "--tag",
+        help="an experiment with other settings: rows train in <row>_<tag>/ beside the main rows (sharing their "
+        "teacher and importance) and go to benchmarks/results/quality_<tag>.{md,json}, so the main table keeps "
+        "one budget",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -75,6 +84,7 @@ def main() -> None:
             task=task, data_dir=args.data_dir, train_limit=limit, max_length=max_length, doc_stride=args.doc_stride
         )
         ft, ds, lam = task_defaults(task)
+        lam = args.distill_weight if args.distill_weight is not None else lam
         ft = replace(ft, attention_dropout=args.attention_dropout)
         ds = replace(ds, attention_dropout=args.attention_dropout)
         if args.finetune_epochs:
@@ -90,6 +100,8 @@ def main() -> None:
             teacher_dir = base / "teacher"
             ft_cfg = FinetuneConfig(data=data, output_dir=str(teacher_dir), optim=replace(ft, seed=seed))
             if not finished(teacher_dir, fingerprint(asdict(ft_cfg), [ft_cfg.model])):
+                if args.tag:  # an experiment must not retrain (and so replace) the main rows' teacher
+                    p.error(f"--tag {args.tag}: no finished teacher in {teacher_dir} with these fine-tuning settings")
                 finetune(ft_cfg)
             if "teacher" in args.rows:
                 teacher_eval = evaluate(
@@ -103,17 +115,18 @@ def main() -> None:
                 overrides, _ = ROWS[row]
                 cfg = PipelineConfig(
                     data=data,
-                    output_dir=str(base / row),
+                    output_dir=str(base / (f"{row}_{args.tag}" if args.tag else row)),
                     finetuned_teacher=str(teacher_dir),
                     evaluate_teacher=False,
                     importance_file=str(base / "importance.safetensors"),
                     importance_samples=args.samples,
                     distill_optim=ds,
+                    distill_weight=lam,
                     seed=seed,
                     **overrides,
                 )
                 results = run_pipeline(cfg)
-                budget[row] = budget.get(row, 0.0) + _train_seconds(base / row / "student")
+                budget[row] = budget.get(row, 0.0) + _train_seconds(Path(cfg.output_dir) / "student")
                 per_row.setdefault(row, []).append(_first_split(results["moebert"]))
         settings = {
             "train_limit": limit,
@@ -134,20 +147,20 @@ def main() -> None:
             }
             for row, runs in per_row.items()
         }
-        _merge(task, settings, rows)
+        _merge(f"quality_{args.tag}" if args.tag else "quality", task, settings, rows)
 
 
-def _merge(task: str, settings: dict, rows: dict) -> None:
+def _merge(name: str, task: str, settings: dict, rows: dict) -> None:
     """Add this run's rows to the task's table (read afresh: another run may have written meanwhile).
     Rows made with other training settings are dropped, so one table never mixes budgets."""
-    results = _load(RESULTS / "quality.json")
+    results = _load(RESULTS / f"{name}.json")
     table = results.get(task, {})
     if table.get("_settings") != settings:
         if any(not k.startswith("_") for k in table):
             logging.warning("%s: training settings changed; dropping the rows made with the old ones", task)
         table = {}
     results[task] = {**table, **rows, "_settings": settings}
-    _write(results)
+    _write(name, results)
 
 
 def vars_of(opt: OptimConfig) -> dict:
@@ -189,12 +202,13 @@ def _cell(m: dict, key: str) -> str:
     return f"{m[key]:.2f}" + (f" ± {m[key + '_std']:.2f}" if f"{key}_std" in m else "") if key in m else "–"
 
 
-def _write(results: dict) -> None:
+def _write(name: str, results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / ".quality.json.tmp"
+    tmp = RESULTS / f".{name}.json.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(RESULTS / "quality.json")
-    lines = ["# Quality: teacher vs MoEBERT (all-MiniLM-L6-v2 teacher, N=4, d_e=384, s=256, hash-random)", ""]
+    tmp.replace(RESULTS / f"{name}.json")
+    title = "Quality" if name == "quality" else f"Quality experiment `{name}` (the main table is quality.md)"
+    lines = [f"# {title}: teacher vs MoEBERT (all-MiniLM-L6-v2 teacher, N=4, d_e=384, s=256, hash-random)", ""]
     lines += _target_lines(results)
     if (RESULTS / "quality_analysis.md").is_file():
         lines += [
@@ -224,7 +238,7 @@ def _write(results: dict) -> None:
             lines.append(f"| {row} | {cells} | {m.get('seeds')} | {m.get('train_minutes', '?')} | {what} |")
         commands = sorted({m["command"] for r, m in table.items() if not r.startswith("_") and "command" in m})
         lines += ["", "Commands:", "", *[f"    {c}" for c in commands], ""]
-    (RESULTS / "quality.md").write_text("\n".join(lines))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
