@@ -207,7 +207,8 @@ def _write(name: str, results: dict) -> None:
     tmp = RESULTS / f".{name}.json.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(RESULTS / f"{name}.json")
-    title = "Quality" if name == "quality" else f"Quality experiment `{name}` (the main table is quality.md)"
+    tag = name.removeprefix("quality_")
+    title = "Quality" if name == "quality" else f"Quality experiment `{tag}` (the main table is quality.md)"
     lines = [f"# {title}: teacher vs MoEBERT (all-MiniLM-L6-v2 teacher, N=4, d_e=384, s=256, hash-random)", ""]
     lines += _target_lines(results)
     if (RESULTS / "quality_analysis.md").is_file():
