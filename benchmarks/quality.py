@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import sys
 from dataclasses import asdict, replace
@@ -75,6 +76,10 @@ def main() -> None:
         "one budget",
     )
     args = p.parse_args()
+    if args.distill_weight is not None and not args.distill_weight >= 0:
+        p.error(f"--distill-weight must be ≥ 0, got {args.distill_weight}")
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.tag):
+        p.error(f"--tag must be letters, digits, '.', '_' or '-' (it names folders and files), got {args.tag!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     for t_idx, task in enumerate(args.tasks):
@@ -147,20 +152,20 @@ def main() -> None:
             }
             for row, runs in per_row.items()
         }
-        _merge(f"quality_{args.tag}" if args.tag else "quality", task, settings, rows)
+        _merge(args.tag, task, settings, rows)
 
 
-def _merge(name: str, task: str, settings: dict, rows: dict) -> None:
+def _merge(tag: str | None, task: str, settings: dict, rows: dict) -> None:
     """Add this run's rows to the task's table (read afresh: another run may have written meanwhile).
     Rows made with other training settings are dropped, so one table never mixes budgets."""
-    results = _load(RESULTS / f"{name}.json")
+    results = _load(RESULTS / f"{_results_name(tag)}.json")
     table = results.get(task, {})
     if table.get("_settings") != settings:
         if any(not k.startswith("_") for k in table):
             logging.warning("%s: training settings changed; dropping the rows made with the old ones", task)
         table = {}
     results[task] = {**table, **rows, "_settings": settings}
-    _write(name, results)
+    _write(tag, results)
 
 
 def vars_of(opt: OptimConfig) -> dict:
@@ -202,13 +207,18 @@ def _cell(m: dict, key: str) -> str:
     return f"{m[key]:.2f}" + (f" ± {m[key + '_std']:.2f}" if f"{key}_std" in m else "") if key in m else "–"
 
 
-def _write(name: str, results: dict) -> None:
+def _results_name(tag: str | None) -> str:
+    """quality, or quality_<tag> for an experiment."""
+    return f"quality_{tag}" if tag else "quality"
+
+
+def _write(tag: str | None, results: dict) -> None:
+    name = _results_name(tag)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS / f".{name}.json.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(RESULTS / f"{name}.json")
-    tag = name.removeprefix("quality_")
-    title = "Quality" if name == "quality" else f"Quality experiment `{tag}` (the main table is quality.md)"
+    title = f"Quality experiment `{tag}` (the main table is quality.md)" if tag else "Quality"
     lines = [f"# {title}: teacher vs MoEBERT (all-MiniLM-L6-v2 teacher, N=4, d_e=384, s=256, hash-random)", ""]
     lines += _target_lines(results)
     if (RESULTS / "quality_analysis.md").is_file():
