@@ -27,15 +27,24 @@ whole layer can be captured in a CUDA graph):
     needs only its own W1 columns), each writes its partial acc to an fp32 workspace [SPLIT_E, T, d], and
     `_epilogue_kernel` sums them and applies bias, scale, residual and LayerNorm. With a handful of tokens
     there are only ~E useful blocks, so without the split a few SMs would stream all the weights alone.
+ 5. The two-pass alternative (`FFNConfig.two_pass`, a tuning candidate for many tokens): the full-row
+    accumulator of step 3 caps the row block (BLOCK_M × d fp32 in registers), and with d = 768 that costs
+    tensor-core efficiency. Here `_grouped_gemm_kernel` runs twice as a plain tiled grouped GEMM over the
+    same aligned slots (vLLM's fused_moe layout): h [slots, d_e] = gelu(x[tokens] W1[e] + b1[e]) goes to
+    global memory in slot order, then partial [T, d] fp32 = h W2[e] is scattered back to token rows, and
+    `_epilogue_kernel` adds b2, scale, residual and the LayerNorm. The extra traffic (h written and read
+    once, the fp32 row once) is small next to 2 · T · d · d_e · 2 FLOPs once T is in the thousands.
 
 Block sizes come from a small per-shape table (`candidate_configs`); on CUDA the first call per
-(d, d_e, E, dtype, T bucket) times the candidates and keeps the fastest (`MOEBERT_TRITON_TUNE=0`: table only).
+(d, d_e, E, dtype, T bucket) times the candidates and keeps the fastest (`MOEBERT_TRITON_TUNE=0`: table only;
+inside a CUDA-graph capture the choice already made is used, and nothing is timed).
 Accumulation is fp32 throughout; fp32 inputs use exact ("ieee") dots, not TF32, since fp32 is for checks.
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU) the same kernels run for the tests.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -46,6 +55,8 @@ import triton.language as tl
 from kernels._triton_interpret import make_triton_language_interpretable
 
 make_triton_language_interpretable()  # TRITON_INTERPRET=1 set after `triton` was imported (see that module)
+
+logger = logging.getLogger(__name__)
 
 MAX_HIDDEN = 1024  # the full output row lives in registers: BERT-base / large widths, no more
 MAX_N_TILES = 4  # accumulator tiles per row (acc0 … acc3 in the kernel)
@@ -371,6 +382,82 @@ def _moe_ffn_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
+def _grouped_gemm_kernel(
+    a_ptr,  # GEMM 1: x [T, K] (rows gathered by token) | GEMM 2: h [slots, K] (rows in slot order)
+    c_ptr,  # GEMM 1: h [slots, N] (rows in slot order) | GEMM 2: partial [T, N] fp32 (rows scattered by token)
+    w_ptr,  # [E, K, N]
+    bias_ptr,  # [E, N] contiguous (BIAS_GELU only)
+    sorted_token_ids_ptr,  # [max_blocks * BLOCK_M] int32 (ROUTED)
+    block_expert_ptr,  # [max_blocks] int32 (ROUTED)
+    T,
+    N,
+    K,
+    stride_am,
+    stride_cm,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    A_BY_TOKEN: tl.constexpr,  # True: A rows are tokens and C rows slots (GEMM 1); False: the reverse (GEMM 2)
+    BIAS_GELU: tl.constexpr,  # epilogue gelu(acc + bias) (GEMM 1) or the raw fp32 acc (GEMM 2)
+    ROUTED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of C = A[rows] @ W[e] for the BLOCK_M slots of one expert (two-pass path).
+    Programs are numbered N-tile fastest, so the programs that share a block's A rows run together."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    rows = tl.arange(0, BLOCK_M)
+    if ROUTED:
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:  # beyond the blocks this batch's routing needs
+            return
+        slot_token = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + rows)
+    else:
+        expert = 0
+        slot_token = pid_m * BLOCK_M + rows
+    row_mask = slot_token < T
+    tokens = tl.where(row_mask, slot_token, 0).to(tl.int64)
+    slots = (pid_m * BLOCK_M + rows).to(tl.int64)
+    if A_BY_TOKEN:
+        a_rows = tokens
+        c_rows = slots
+    else:
+        a_rows = slots
+        c_rows = tokens
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_expert_ptr = w_ptr + expert * stride_we  # E · K · N < 2³¹: int32 offsets are enough
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        a_tile = tl.load(
+            a_ptr + a_rows[:, None] * stride_am + (k0 + offs_k)[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w_tile = tl.load(
+            w_expert_ptr + (k0 + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a_tile, w_tile, acc, input_precision=PRECISION)
+    if BIAS_GELU:
+        acc += tl.load(bias_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc = _gelu_erf(acc)
+    tl.store(
+        c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :],
+        acc.to(c_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & n_mask[None, :],
+    )
+
+
+@triton.jit(do_not_specialize=["T"])
 def _epilogue_kernel(
     partial_ptr,  # [SPLIT_E, T, d] fp32
     expert_ids_ptr,  # [T] int (ROUTED)
@@ -427,7 +514,11 @@ def _epilogue_kernel(
 
 @dataclass(frozen=True)
 class FFNConfig:
-    """Launch parameters of `_moe_ffn_kernel`. block_m, block_k, block_e ≥ 16 (tensor-core tiles)."""
+    """Launch parameters. block_m, block_k, block_e ≥ 16 (tensor-core tiles).
+
+    Fused path (`_moe_ffn_kernel`): block_e is the chunk of d_e kept in registers, split_e the programs that
+    share a block's d_e range. Two-pass path (`two_pass`, split_e = 1): block_e is the N tile of both grouped
+    GEMMs (d_e columns of h, then d columns of the output)."""
 
     block_m: int
     block_k: int
@@ -435,6 +526,17 @@ class FFNConfig:
     split_e: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    two_pass: bool = False
+
+    def __post_init__(self) -> None:
+        if self.two_pass and self.split_e != 1:
+            raise ValueError("the two-pass path does not split d_e (split_e must be 1)")
+
+    def short(self) -> str:
+        """e.g. 'fused 64x64x32 split 1 w8 s3' or 'two-pass 128x64x128 w8 s4' (block_m x block_k x block_e)."""
+        path = "two-pass" if self.two_pass else "fused"
+        split = "" if self.two_pass else f" split {self.split_e}"
+        return f"{path} {self.block_m}x{self.block_k}x{self.block_e}{split} w{self.num_warps} s{self.num_stages}"
 
 
 def n_tiling(d: int) -> tuple[int, int]:
@@ -480,6 +582,7 @@ def candidate_configs(T: int, d: int, d_e: int, num_experts: int) -> list[FFNCon
         ]
         if rows_per_expert <= 32:
             configs.insert(0, FFNConfig(16, 64, 32, split_e=16, num_warps=4, num_stages=3))
+        configs.append(FFNConfig(64, 64, 64, num_warps=4, num_stages=4, two_pass=True))
         return configs
     configs = [
         FFNConfig(64, 64, 32, num_warps=8, num_stages=3),
@@ -487,6 +590,10 @@ def candidate_configs(T: int, d: int, d_e: int, num_experts: int) -> list[FFNCon
         FFNConfig(64, 64, 32, num_warps=16, num_stages=3),  # half the accumulator registers per thread
         FFNConfig(32, 64, 64, num_warps=8, num_stages=3),
         FFNConfig(64, 64, 32, split_e=2, num_warps=8, num_stages=3),
+        # two-pass tiled GEMMs: the row block is no longer capped by a full-row accumulator
+        FFNConfig(128, 64, 128, num_warps=8, num_stages=4, two_pass=True),
+        FFNConfig(64, 64, 128, num_warps=4, num_stages=4, two_pass=True),
+        FFNConfig(128, 64, 256, num_warps=8, num_stages=3, two_pass=True),
     ]
     if acc_floats_per_thread(128, 8) <= 128:  # d ≤ 512 (MiniLM): twice the rows per weight load
         configs.insert(0, FFNConfig(128, 64, 32, num_warps=8, num_stages=3))
@@ -595,12 +702,10 @@ def _moe_ffn(x, expert_ids, input_ids, hash_table, fc1_weight, fc1_bias, fc2_wei
 
     if config is None:
         candidates = candidate_configs(T, d, d_e, num_experts)
-        config = candidates[0]
-        if _tuning_enabled(x):
-            key = _tuning_key(x, T, d, d_e, num_experts, has_ln, has_scale)
-            if key not in _TUNED:
-                _TUNED[key] = _tune(candidates, args)
-            config = _TUNED[key]
+        key = _tuning_key(x, T, d, d_e, num_experts, has_ln, has_scale)
+        if _tuning_enabled(x) and key not in _TUNED:
+            _TUNED[key] = _tune(candidates, args)
+        config = _TUNED.get(key, candidates[0])  # in a CUDA-graph capture: the choice made before it
     _launch(config, *args)
     return out, expert_ids
 
@@ -617,7 +722,13 @@ def _tune(candidates: list[FFNConfig], args: tuple) -> FFNConfig:
             continue
     if not timings:
         raise RuntimeError("no Triton MoE FFN configuration could run on this device")
-    return min(timings, key=timings.get)
+    best = min(timings, key=timings.get)
+    x, fc1_weight = args[0], args[5]
+    logger.info(
+        "tuned the Triton MoE FFN for T=%d, [E, d, d_e]=%s, %s: %s (of %s)", x.shape[0], list(fc1_weight.shape),
+        x.dtype, best.short(), ", ".join(f"{c.short()} {ms * 1e3:.0f}µs" for c, ms in timings.items()),
+    )  # fmt: skip
+    return best
 
 
 def _launch(config: FFNConfig, x, out, expert_ids, input_ids, hash_table, fc1_weight, fc1_bias, fc2_weight,
@@ -650,31 +761,45 @@ def _launch(config: FFNConfig, x, out, expert_ids, input_ids, hash_table, fc1_we
         max_blocks = triton.cdiv(T, block_m)
         sorted_token_ids = block_expert = expert_ids  # unused placeholders
 
-    split_e, e_per_split = _clamp_split(config.split_e, d_e, config.block_e)
-    partial = torch.empty(split_e, T, d, dtype=torch.float32, device=device) if split_e > 1 else out
-    block_n, num_n_tiles = n_tiling(d)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     has_ln, has_scale = ln_weight is not None, scale is not None
-    if not has_ln:  # placeholders for pointers the kernel never reads
+    if not has_ln:  # placeholders for pointers the kernels never read
         ln_weight = ln_bias = fc2_bias
     if not has_scale:
         scale = fc2_bias
-    _moe_ffn_kernel[(max_blocks, split_e)](
-        x, out, partial, sorted_token_ids, block_expert, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ln_weight,
-        ln_bias, scale, T, d, d_e, e_per_split, eps, x.stride(0), out.stride(0), *fc1_weight.stride(),
-        *fc2_weight.stride(),
-        BLOCK_M=block_m, BLOCK_K=config.block_k, BLOCK_E=config.block_e, BLOCK_N=block_n, NUM_N_TILES=num_n_tiles,
-        SPLIT_E=split_e, ROUTED=routed, HAS_SCALE=has_scale, HAS_LN=has_ln, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    if split_e > 1:
-        block_d = triton.next_power_of_2(d)
-        block_rows = max(1, min(16, 4096 // block_d))
-        _epilogue_kernel[(triton.cdiv(T, block_rows),)](
-            partial, expert_ids, x, out, fc2_bias, ln_weight, ln_bias, scale, T, d, eps, x.stride(0), out.stride(0),
-            SPLIT_E=split_e, BLOCK_ROWS=block_rows, BLOCK_D=block_d, ROUTED=routed, HAS_SCALE=has_scale,
-            HAS_LN=has_ln, num_warps=4,
+    if config.two_pass:
+        # h [slots, d_e] in x's dtype (GEMM 2's input precision, as in the fused path), slot order
+        h = torch.empty(max_blocks * block_m, d_e, dtype=x.dtype, device=device)
+        partial = torch.empty(1, T, d, dtype=torch.float32, device=device)
+        for a, c, w, n, k, a_by_token in ((x, h, fc1_weight, d_e, d, True), (h, partial[0], fc2_weight, d, d_e, False)):
+            _grouped_gemm_kernel[(max_blocks * triton.cdiv(n, config.block_e),)](
+                a, c, w, fc1_bias, sorted_token_ids, block_expert, T, n, k, a.stride(0), c.stride(0), *w.stride(),
+                BLOCK_M=block_m, BLOCK_N=config.block_e, BLOCK_K=config.block_k, A_BY_TOKEN=a_by_token,
+                BIAS_GELU=a_by_token, ROUTED=routed, PRECISION=precision,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )  # fmt: skip
+        split_e = 1
+    else:
+        split_e, e_per_split = _clamp_split(config.split_e, d_e, config.block_e)
+        partial = torch.empty(split_e, T, d, dtype=torch.float32, device=device) if split_e > 1 else out
+        block_n, num_n_tiles = n_tiling(d)
+        _moe_ffn_kernel[(max_blocks, split_e)](
+            x, out, partial, sorted_token_ids, block_expert, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ln_weight,
+            ln_bias, scale, T, d, d_e, e_per_split, eps, x.stride(0), out.stride(0), *fc1_weight.stride(),
+            *fc2_weight.stride(),
+            BLOCK_M=block_m, BLOCK_K=config.block_k, BLOCK_E=config.block_e, BLOCK_N=block_n,
+            NUM_N_TILES=num_n_tiles, SPLIT_E=split_e, ROUTED=routed, HAS_SCALE=has_scale, HAS_LN=has_ln,
+            PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
+        if split_e == 1:  # the fused epilogue already wrote out
+            return
+    block_d = triton.next_power_of_2(d)
+    block_rows = max(1, min(16, 4096 // block_d))
+    _epilogue_kernel[(triton.cdiv(T, block_rows),)](
+        partial, expert_ids, x, out, fc2_bias, ln_weight, ln_bias, scale, T, d, eps, x.stride(0), out.stride(0),
+        SPLIT_E=split_e, BLOCK_ROWS=block_rows, BLOCK_D=block_d, ROUTED=routed, HAS_SCALE=has_scale,
+        HAS_LN=has_ln, num_warps=4,
+    )  # fmt: skip
 
 
 __all__ = ["FFNConfig", "candidate_configs", "moe_ffn_triton", "moe_ffn_triton_hashed", "n_tiling"]

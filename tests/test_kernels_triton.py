@@ -93,11 +93,13 @@ def check_against_reference(T, d, d_e, E, routing, dtype, ln=True, config=None, 
 
 
 # Launch paths: the table's default for T (split d_e when T ≤ 1024), the fully fused kernel (one program per
-# block of rows owns the whole d_e range and runs the LayerNorm epilogue), and an explicit split-d_e.
+# block of rows owns the whole d_e range and runs the LayerNorm epilogue), an explicit split-d_e, and the
+# two-pass grouped GEMMs (tiles that divide none of d = 600, d_e = 96, so every edge is masked).
 PATHS = {
     "default": None,
     "fused": FFNConfig(block_m=64, block_k=64, block_e=32, split_e=1),
     "split": FFNConfig(block_m=16, block_k=32, block_e=64, split_e=3),
+    "two_pass": FFNConfig(block_m=32, block_k=64, block_e=64, two_pass=True),
 }
 
 # A pairwise design (every pair of values of any two factors appears in some row; generated greedily, E = 1
@@ -127,6 +129,11 @@ PAIRWISE_CASES = [
     (300, 384, 96, 4, "random", "fp16", True, "fused"),
     (300, 600, 96, 8, "empty-expert", "fp32", False, "fused"),
     (300, 768, 96, 1, "one-expert", "fp32", False, "default"),
+    (1, 384, 384, 8, "gated", "fp32", True, "two_pass"),
+    (7, 600, 96, 4, "random", "fp16", False, "two_pass"),
+    (33, 768, 384, 1, "one-expert", "fp16", True, "two_pass"),
+    (128, 768, 96, 4, "empty-expert", "fp32", False, "two_pass"),
+    (300, 600, 384, 8, "random", "fp16", True, "two_pass"),
 ]
 
 
@@ -155,12 +162,17 @@ def test_the_design_covers_every_pair():
                     assert (a, b) in covered, f"no case with factor {i} = {a!r} and factor {j} = {b!r}"
 
 
-@pytest.mark.parametrize(("T", "E", "routing"), [(2500, 5, "random"), (2100, 16, "empty-expert"), (1500, 3, "gated")])
-def test_routing_across_token_chunks(T, E, routing):
+@pytest.mark.parametrize(
+    ("T", "E", "routing", "two_pass"),
+    [(2500, 5, "random", False), (2100, 16, "empty-expert", False), (1500, 3, "gated", False),
+     (2100, 16, "empty-expert", True)],
+)  # fmt: skip
+def test_routing_across_token_chunks(T, E, routing, two_pass):
     """More tokens than one routing chunk (1024), so slot offsets carry over from earlier chunks; many
     experts (E_POW2 > E), and most experts end in a partly padded block. Small d keeps
     the interpreter fast: these cases are about routing, the FFN shapes are covered above."""
-    check_against_reference(T, 48, 32, E, routing, torch.float32, True, FFNConfig(64, 64, 32, split_e=1), seed=T)
+    config = FFNConfig(64, 64, 32, split_e=1, two_pass=two_pass)
+    check_against_reference(T, 48, 32, E, routing, torch.float32, True, config, seed=T)
 
 
 def test_hash_routing_inside_the_kernel():
@@ -211,6 +223,56 @@ def test_accumulator_tiling_and_config_table():
             configs = candidate_configs(T, d, d_e, 4)
             assert configs and len(set(configs)) == len(configs)
             assert all(min(c.block_m, c.block_k, c.block_e) >= 16 and c.split_e >= 1 for c in configs)
+            assert not configs[0].two_pass  # the untuned default (CPU, MOEBERT_TRITON_TUNE=0) stays fused
+            assert all(c.split_e == 1 for c in configs if c.two_pass)
+    with pytest.raises(ValueError, match="split_e must be 1"):
+        FFNConfig(64, 64, 64, split_e=2, two_pass=True)
+
+
+def test_a_tuned_choice_is_kept_where_nothing_is_timed(monkeypatch):
+    """Inside a CUDA-graph capture (and with tuning off) nothing is timed: the choice the tuner made for
+    this key before is launched, not the table's default; with no choice made, the default is."""
+    import kernels.triton_moe as triton_moe
+
+    w = {k: v.to(DEVICE, torch.float32) for k, v in make_weights(4, 48, 32).items()}
+    x, ids = torch.randn(5000, 48, device=DEVICE), torch.randint(4, (5000,), device=DEVICE)
+    launched = []
+    monkeypatch.setattr(triton_moe, "_launch", lambda config, *args: launched.append(config))
+    monkeypatch.setattr(triton_moe, "_tuning_enabled", lambda x: False)
+    monkeypatch.setattr(triton_moe, "_TUNED", {})
+    candidates = candidate_configs(5000, 48, 32, 4)
+    moe_ffn_triton(x, ids, **w)
+    triton_moe._TUNED[triton_moe._tuning_key(x, 5000, 48, 32, 4, True, False)] = candidates[-1]
+    moe_ffn_triton(x, ids, **w)
+    assert launched == [candidates[0], candidates[-1]] and candidates[0] != candidates[-1]
+
+
+def test_tuner_keeps_the_fastest_candidate_that_runs(monkeypatch, caplog):
+    """The tuner's choice logic without a GPU: a fake timer (candidates that fail, e.g. out of shared memory
+    on the device, are skipped) and the log line that names every candidate's time."""
+    import triton.testing
+
+    import kernels.triton_moe as triton_moe
+
+    candidates = candidate_configs(5000, 768, 768, 4)
+    fake_ms = {c: 1.0 + i for i, c in enumerate(candidates)}
+    fake_ms[candidates[-1]] = 0.5  # the fastest, a two-pass one
+    fake_ms[candidates[0]] = None  # fails to run
+    launched = []
+
+    def fake_do_bench(fn, warmup, rep):
+        fn()
+        if fake_ms[launched[-1]] is None:
+            raise RuntimeError("out of resources")
+        return fake_ms[launched[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(triton_moe, "_launch", lambda config, *args: launched.append(config))
+    args = (torch.empty(5000, 768), None, None, None, None, torch.empty(4, 768, 768))
+    with caplog.at_level("INFO", logger="kernels.triton_moe"):
+        assert triton_moe._tune(candidates, args) == candidates[-1]
+    assert candidates[-1].two_pass and "two-pass 128x64x256 w8 s3 500µs" in caplog.text
+    assert candidates[0].short() not in caplog.text.split("(of")[1]  # the failed one has no time
 
 
 @pytest.mark.parametrize("route", ["hash-random", "gate-token", "gate-sentence"])
