@@ -105,6 +105,42 @@ def test_bad_data_is_one_clear_line(tiny_cls_dir, tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--distill-weight", "-1"], "distill_weight (λ) must be ≥ 0, got -1.0"),
+        (["--distill-weight", "nan"], "distill_weight (λ) must be ≥ 0, got nan"),
+        (["--batch-size", "0"], "batch_size must be ≥ 1, got 0"),
+        (["--lr=-3e-5"], "lr must be > 0, got -3e-05"),  # the distillation's --lr (the teacher's is fine)
+        (["--samples", "0"], "importance_samples must be ≥ 1, got 0"),
+    ],
+)  # fmt: skip
+def test_bad_settings_are_refused_before_any_stage(tiny_cls_dir, custom_data, tmp_path, capsys, extra, message):
+    """A bad λ or optimiser setting is one clear line at once, not a failure after fine-tuning the teacher."""
+    train, dev = custom_data
+    out = tmp_path / "run"
+    assert main([*pipeline_args(tiny_cls_dir, train, dev, out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "teacher").exists()
+    student = tmp_path / "student"
+    if extra[0] == "--distill-weight":  # the distill stage on its own checks λ too
+        args = ["distill", str(tiny_cls_dir), "--teacher", str(tiny_cls_dir), "-o", str(student), "--task", "custom",
+                "--data-dir", str(train), "--dev-file", str(dev), *extra]  # fmt: skip
+        assert main(args) == 2
+        assert message in capsys.readouterr().err and not student.exists()
+
+
+def test_optimiser_settings_name_every_problem():
+    from training.loop import OptimConfig
+
+    with pytest.raises(ValueError, match=r"^lr must be > 0, got 0; warmup_ratio must be in \[0, 1\), got 1$"):
+        OptimConfig(lr=0, warmup_ratio=1)
+    with pytest.raises(ValueError, match=r"^attention_dropout must be in \[0, 1\), got 1.5$"):
+        OptimConfig(attention_dropout=1.5)
+    assert OptimConfig(max_steps=1, attention_dropout=0.0).max_steps == 1
+
+
 def test_only_rank_zero_publishes_a_stage_output(tmp_path, monkeypatch):
     from training.checkpoint import finished, stage_output
 

@@ -37,6 +37,10 @@ class DistillConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     overwrite: bool = True
 
+    def __post_init__(self) -> None:
+        if not self.distill_weight >= 0:  # also refuses NaN
+            raise ValueError(f"distill_weight (λ) must be ≥ 0, got {self.distill_weight}")
+
 
 def hidden_mse(student_hidden, teacher_hidden, mask: torch.Tensor) -> torch.Tensor:
     """Σ over layers of the mean squared error on non-padding positions. hidden: L+1 × [B, T, d]; mask [B, T]."""

@@ -60,6 +60,15 @@ class PipelineConfig:
     evaluate_teacher: bool = True
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Checked before any stage runs: a bad λ or sample count must not surface after fine-tuning."""
+        if self.distill_weight is not None and not self.distill_weight >= 0:
+            raise ValueError(f"distill_weight (λ) must be ≥ 0, got {self.distill_weight}")
+        if self.importance_samples < 1:
+            raise ValueError(f"importance_samples must be ≥ 1, got {self.importance_samples}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be ≥ 1, got {self.num_experts}")
+
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.output_dir)
