@@ -20,6 +20,7 @@ from pathlib import Path
 
 from training.checkpoint import fingerprint, finished
 from training.common import DEFAULT_DATA_DIR, DataConfig
+from training.distill import check_distill_weight
 from training.evaluate import EvaluateConfig, evaluate
 from training.finetune import FinetuneConfig, finetune
 from training.loop import OptimConfig
@@ -76,8 +77,11 @@ def main() -> None:
         "one budget",
     )
     args = p.parse_args()
-    if args.distill_weight is not None and not args.distill_weight >= 0:
-        p.error(f"--distill-weight must be ≥ 0, got {args.distill_weight}")
+    if args.distill_weight is not None:
+        try:  # here, before any teacher is fine-tuned
+            check_distill_weight(args.distill_weight)
+        except ValueError as err:
+            p.error(f"--distill-weight: {err}")
     if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.tag):
         p.error(f"--tag must be letters, digits, '.', '_' or '-' (it names folders and files), got {args.tag!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

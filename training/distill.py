@@ -38,8 +38,13 @@ class DistillConfig:
     overwrite: bool = True
 
     def __post_init__(self) -> None:
-        if not self.distill_weight >= 0:  # also refuses NaN
-            raise ValueError(f"distill_weight (λ) must be ≥ 0, got {self.distill_weight}")
+        check_distill_weight(self.distill_weight)
+
+
+def check_distill_weight(value: float) -> None:
+    """λ weighs the distillation terms against the task loss: it must be ≥ 0 (a NaN is refused too)."""
+    if not value >= 0:
+        raise ValueError(f"distill_weight (λ) must be ≥ 0, got {value}")
 
 
 def hidden_mse(student_hidden, teacher_hidden, mask: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from moebert.convert import ConvertConfig, convert
 from training.checkpoint import STAGE_FILE, fingerprint, finished
 from training.common import DataConfig, default_teacher, write_json
-from training.distill import DistillConfig, distill
+from training.distill import DistillConfig, check_distill_weight, distill
 from training.evaluate import EvaluateConfig, evaluate
 from training.finetune import FinetuneConfig, finetune
 from training.importance import ImportanceConfig, score_importance
@@ -62,8 +62,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         """Checked before any stage runs: a bad λ or sample count must not surface after fine-tuning."""
-        if self.distill_weight is not None and not self.distill_weight >= 0:
-            raise ValueError(f"distill_weight (λ) must be ≥ 0, got {self.distill_weight}")
+        if self.distill_weight is not None:
+            check_distill_weight(self.distill_weight)
         if self.importance_samples < 1:
             raise ValueError(f"importance_samples must be ≥ 1, got {self.importance_samples}")
         if self.num_experts < 1:
