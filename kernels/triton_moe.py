@@ -159,6 +159,38 @@ def _gelu_erf(h):
 
 
 @triton.jit
+def _rows_times_expert(
+    a_ptr, a_rows, row_mask, stride_am, w_expert_ptr, offs_n, n_mask, K, stride_wk, stride_wn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_M, BLOCK_N] fp32 = A[a_rows, :K] @ W[e][:K, offs_n], one expert's weights; masked rows, columns
+    and the ragged end of K read as 0. GEMM 1 of the fused kernel, and both GEMMs of the two-pass path."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        a_tile = tl.load(
+            a_ptr + a_rows[:, None] * stride_am + (k0 + offs_k)[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w_tile = tl.load(
+            w_expert_ptr + (k0 + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a_tile, w_tile, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _bias_gelu(acc, bias_ptr, expert, N, offs_n, n_mask):
+    """gelu(acc + b1[e, offs_n]) in fp32: GEMM 1's epilogue. Masked columns are gelu(0) = 0."""
+    acc += tl.load(bias_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return _gelu_erf(acc)
+
+
+@triton.jit
 def _gemm2_tile(
     acc, h, w2_expert_ptr, offs_e, e_mask, n0, d, stride_w2k, stride_w2n, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr
 ):
@@ -282,7 +314,6 @@ def _moe_ffn_kernel(
 
     w1_expert_ptr = w1_ptr + expert * stride_w1e  # E · d · d_e < 2³¹: int32 offsets are enough
     w2_expert_ptr = w2_ptr + expert * stride_w2e
-    offs_k = tl.arange(0, BLOCK_K)
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -293,24 +324,11 @@ def _moe_ffn_kernel(
     for e0 in range(e_begin, e_end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         e_mask = offs_e < d_e
-        # GEMM 1 for this chunk of d_e: h [BLOCK_M, BLOCK_E] = x[tokens] @ W1[e, :, chunk]
-        h = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            k_mask = (k0 + offs_k) < d
-            x_tile = tl.load(
-                x_ptr + tokens[:, None] * stride_xt + (k0 + offs_k)[None, :],
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            w1_tile = tl.load(
-                w1_expert_ptr + (k0 + offs_k)[:, None] * stride_w1k + offs_e[None, :] * stride_w1n,
-                mask=k_mask[:, None] & e_mask[None, :],
-                other=0.0,
-            )
-            h = tl.dot(x_tile, w1_tile, h, input_precision=PRECISION)
-        h += tl.load(b1_ptr + expert * d_e + offs_e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+        # GEMM 1 for this chunk of d_e: h [BLOCK_M, BLOCK_E] = gelu(x[tokens] @ W1[e, :, chunk] + b1[e, chunk])
+        h = _rows_times_expert(x_ptr, tokens, row_mask, stride_xt, w1_expert_ptr, offs_e, e_mask, d, stride_w1k,
+                               stride_w1n, BLOCK_M, BLOCK_E, BLOCK_K, PRECISION)  # fmt: skip
         # Masked d_e columns are gelu(0) = 0 and meet zero rows of W2: they add nothing.
-        h = _gelu_erf(h).to(w2_ptr.dtype.element_ty)
+        h = _bias_gelu(h, b1_ptr, expert, d_e, offs_e, e_mask).to(w2_ptr.dtype.element_ty)
         # GEMM 2: acc [BLOCK_M, d] += h @ W2[e, chunk, :], one accumulator tile of BLOCK_N columns at a time
         acc0 = _gemm2_tile(acc0, h, w2_expert_ptr, offs_e, e_mask, 0, d, stride_w2k, stride_w2n, BLOCK_N, PRECISION)
         if NUM_N_TILES > 1:
@@ -431,25 +449,11 @@ def _grouped_gemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     w_expert_ptr = w_ptr + expert * stride_we  # E · K · N < 2³¹: int32 offsets are enough
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
-        a_tile = tl.load(
-            a_ptr + a_rows[:, None] * stride_am + (k0 + offs_k)[None, :],
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        w_tile = tl.load(
-            w_expert_ptr + (k0 + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a_tile, w_tile, acc, input_precision=PRECISION)
+    acc = _rows_times_expert(a_ptr, a_rows, row_mask, stride_am, w_expert_ptr, offs_n, n_mask, K, stride_wk, stride_wn,
+                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
     if BIAS_GELU:
-        acc += tl.load(bias_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        acc = _gelu_erf(acc)
+        acc = _bias_gelu(acc, bias_ptr, expert, N, offs_n, n_mask)
     tl.store(
         c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :],
         acc.to(c_ptr.dtype.element_ty),
