@@ -159,6 +159,29 @@ def _gelu_erf(h):
 
 
 @triton.jit
+def _block_expert(block_expert_ptr, pid_m, ROUTED: tl.constexpr):
+    """The expert of block pid_m of aligned slots; -1 for a block beyond what this batch's routing needs
+    (the caller returns at once). Without routing (one expert) every block is expert 0's."""
+    if ROUTED:
+        return tl.load(block_expert_ptr + pid_m)
+    else:
+        return 0
+
+
+@triton.jit
+def _block_tokens(sorted_token_ids_ptr, pid_m, T, BLOCK_M: tl.constexpr, ROUTED: tl.constexpr):
+    """(row_mask [BLOCK_M], tokens [BLOCK_M] int64): the token of each slot of block pid_m (padding slots hold T,
+    are masked and read row 0); without routing, tokens in order."""
+    rows = tl.arange(0, BLOCK_M)
+    if ROUTED:  # noqa: SIM108 - a constexpr branch: the slot buffer is only read when routing
+        slot_token = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + rows)
+    else:
+        slot_token = pid_m * BLOCK_M + rows
+    row_mask = slot_token < T
+    return row_mask, tl.where(row_mask, slot_token, 0).to(tl.int64)
+
+
+@triton.jit
 def _rows_times_expert(
     a_ptr, a_rows, row_mask, stride_am, w_expert_ptr, offs_n, n_mask, K, stride_wk, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -300,17 +323,10 @@ def _moe_ffn_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    if ROUTED:
-        expert = tl.load(block_expert_ptr + pid_m)
-        if expert < 0:  # beyond the blocks this batch's routing needs
-            return
-        slot_token = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + rows)
-    else:
-        expert = 0
-        slot_token = pid_m * BLOCK_M + rows
-    row_mask = slot_token < T
-    tokens = tl.where(row_mask, slot_token, 0).to(tl.int64)  # [BLOCK_M] row of x / out for each slot
+    expert = _block_expert(block_expert_ptr, pid_m, ROUTED)
+    if expert < 0:  # beyond the blocks this batch's routing needs
+        return
+    row_mask, tokens = _block_tokens(sorted_token_ids_ptr, pid_m, T, BLOCK_M, ROUTED)
 
     w1_expert_ptr = w1_ptr + expert * stride_w1e  # E · d · d_e < 2³¹: int32 offsets are enough
     w2_expert_ptr = w2_ptr + expert * stride_w2e
@@ -428,18 +444,11 @@ def _grouped_gemm_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
-    rows = tl.arange(0, BLOCK_M)
-    if ROUTED:
-        expert = tl.load(block_expert_ptr + pid_m)
-        if expert < 0:  # beyond the blocks this batch's routing needs
-            return
-        slot_token = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M + rows)
-    else:
-        expert = 0
-        slot_token = pid_m * BLOCK_M + rows
-    row_mask = slot_token < T
-    tokens = tl.where(row_mask, slot_token, 0).to(tl.int64)
-    slots = (pid_m * BLOCK_M + rows).to(tl.int64)
+    expert = _block_expert(block_expert_ptr, pid_m, ROUTED)
+    if expert < 0:  # beyond the blocks this batch's routing needs
+        return
+    row_mask, tokens = _block_tokens(sorted_token_ids_ptr, pid_m, T, BLOCK_M, ROUTED)
+    slots = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     if A_BY_TOKEN:
         a_rows = tokens
         c_rows = slots
