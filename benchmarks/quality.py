@@ -179,6 +179,8 @@ def vars_of(opt: OptimConfig) -> dict:
         "batch_size": opt.batch_size,
         "weight_decay": opt.weight_decay,
         "attention_dropout": opt.attention_dropout,
+        "group_by_length": opt.group_by_length,
+        "precision": opt.precision,
     }
 
 

@@ -95,7 +95,7 @@ class MoEBertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout_p = config.attention_probs_dropout_prob
+        self.attention_dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, d], attn_mask [B, 1, 1, T] bool (True = attend) or None → context [B, T, d]"""
@@ -104,7 +104,7 @@ class MoEBertSelfAttention(nn.Module):
             proj(x).view(B, T, self.num_heads, -1).transpose(1, 2) for proj in (self.query, self.key, self.value)
         )
         ctx = F.scaled_dot_product_attention(  # [B, heads, T, d/heads]
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout_p if self.training else 0.0
         )
         return ctx.transpose(1, 2).reshape(B, T, d)
 
@@ -254,7 +254,7 @@ class MoEFFN(nn.Module):
         self.register_buffer("kept_neurons", torch.full((E, d_e), -1, dtype=torch.long))
         self.router = make_router(config, layer_idx)
         self.eps = config.layer_norm_eps
-        self.dropout_p = config.expert_dropout
+        self.expert_dropout_p = config.expert_dropout
         self.backend = config.moe_backend
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, Routing]:
@@ -278,7 +278,7 @@ class MoEFFN(nn.Module):
         routing = self.router(x, layout)
         y = moe_ffn(
             x, routing.expert_ids, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
-            self.ln_weight, self.ln_bias, routing.scale, self.eps, self.dropout_p, self.training, self.backend,
+            self.ln_weight, self.ln_bias, routing.scale, self.eps, self.expert_dropout_p, self.training, self.backend,
         )  # fmt: skip
         return y, routing
 

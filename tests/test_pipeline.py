@@ -194,5 +194,5 @@ def test_attention_dropout_setting(tiny_cls_dir, custom_data, tmp_path):
     loaded = load_split(data.spec(), train, tokenizer_for(str(tiny_cls_dir)), max_length=32, training=True)
     opt = OptimConfig(epochs=1, batch_size=8, max_steps=1, attention_dropout=0.0)
     fit(model, loaded, opt, task_loss, None, "accuracy", lambda m, metrics: None, tmp_path / "log")
-    rates = {m.dropout_p for m in model.modules() if hasattr(m, "dropout_p")}
+    rates = {m.attention_dropout_p for m in model.modules() if hasattr(m, "attention_dropout_p")}
     assert rates == {0.0} and model.config.attention_probs_dropout_prob > 0  # the saved config keeps its own

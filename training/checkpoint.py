@@ -13,15 +13,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from training.train_state import STATE_DIR
+
 STAGE_FILE = "stage.json"
 # Settings added after finished stages existed: left out of the fingerprint while unset (None), so
 # those stages stay valid; once set they count like any other setting.
 ADDED_LATER = frozenset({"attention_dropout"})
+# Settings that change how a stage runs, not what it makes: never part of the fingerprint.
+NOT_FINGERPRINTED = frozenset({"checkpoint_minutes"})
 
 
 def _canonical(value):
     if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items() if not (k in ADDED_LATER and v is None)}
+        return {
+            k: _canonical(v)
+            for k, v in value.items()
+            if k not in NOT_FINGERPRINTED and not (k in ADDED_LATER and v is None)
+        }
     if isinstance(value, (list, tuple)):
         return [_canonical(v) for v in value]
     return value
@@ -56,12 +64,24 @@ def finished(out_dir: str | Path, fp: str) -> bool:
         return False
 
 
+def resume_folder(out_dir: str | Path, fp: str) -> Path:
+    """The stable temporary folder of a resumable stage: the same for a rerun with the same fingerprint."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.tmp-{fp}"
+
+
 @contextmanager
-def stage_output(out_dir: str | Path, stage: str, fp: str, config: dict, overwrite: bool = True) -> Iterator[Path]:
+def stage_output(
+    out_dir: str | Path, stage: str, fp: str, config: dict, overwrite: bool = True, resumable: bool = False
+) -> Iterator[Path]:
     """Yield a temporary folder to write into; on success it becomes out_dir (with stage.json).
 
     Under torchrun only rank 0 publishes: the other ranks get a scratch folder that is discarded, so
     they can never replace rank 0's checkpoint with their own (empty) folder.
+
+    resumable: the temporary folder is `resume_folder(out_dir, fp)`, reused by a rerun, and kept when
+    the stage fails while it holds a training state (`training.train_state`), so the rerun continues
+    from it; any other leftover is removed.
     """
     out = Path(out_dir)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -74,9 +94,14 @@ def stage_output(out_dir: str | Path, stage: str, fp: str, config: dict, overwri
     if out.exists() and not overwrite and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if resumable:
+        tmp = resume_folder(out, fp)
+        tmp.mkdir(exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        shutil.rmtree(tmp / STATE_DIR, ignore_errors=True)
         (tmp / STAGE_FILE).write_text(
             json.dumps({"stage": stage, "fingerprint": fp, "config": config}, indent=1, default=str)
         )
@@ -85,5 +110,6 @@ def stage_output(out_dir: str | Path, stage: str, fp: str, config: dict, overwri
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not (resumable and (tmp / STATE_DIR / "state.json").is_file()):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from moebert.loading import load_model
-from training.checkpoint import fingerprint, stage_output
+from training.checkpoint import fingerprint, resume_folder, stage_output
 from training.common import DataConfig, device_of, label_names_of, tokenizer_for, write_json
 from training.loop import Distributed, OptimConfig, fit
+from training.train_state import STATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def distill(cfg: DistillConfig) -> Path:
         teacher.to("cuda" if torch.cuda.is_available() else "cpu")
     from training.data import evaluate_model
 
-    with stage_output(cfg.output_dir, "distill", fp, config_dict, cfg.overwrite) as tmp:
+    with stage_output(cfg.output_dir, "distill", fp, config_dict, cfg.overwrite, resumable=True) as tmp:
         result = fit(
             student,
             train,
@@ -123,6 +124,7 @@ def distill(cfg: DistillConfig) -> Path:
             main_metric=spec.main_metric,
             save=lambda m, metrics: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
             log_dir=tmp,
+            resume_dir=resume_folder(cfg.output_dir, fp) / STATE_DIR,
             desc=f"distill {spec.name}",
         )
         if d.is_main:

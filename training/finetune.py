@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from moebert.loading import load_model
-from training.checkpoint import fingerprint, stage_output
+from training.checkpoint import fingerprint, resume_folder, stage_output
 from training.common import DataConfig, default_teacher, device_of, tokenizer_for, write_json
 from training.loop import Distributed, OptimConfig, fit
+from training.train_state import STATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     d = Distributed.setup()
     from training.data import evaluate_model
 
-    with stage_output(cfg.output_dir, "finetune", fp, config_dict, cfg.overwrite) as tmp:
+    with stage_output(cfg.output_dir, "finetune", fp, config_dict, cfg.overwrite, resumable=True) as tmp:
         result = fit(
             model,
             train,
@@ -55,6 +56,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
             main_metric=spec.main_metric,
             save=lambda m, metrics: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
             log_dir=tmp,
+            resume_dir=resume_folder(cfg.output_dir, fp) / STATE_DIR,
             desc=f"finetune {spec.name}",
         )
         if d.is_main:
