@@ -5,6 +5,13 @@ whole table is resumable: rerunning skips every finished stage. Results go to
 benchmarks/results/quality.{md,json} (task → row → metrics, mean ± std over seeds).
 
     python benchmarks/quality.py --tasks mrpc --rows teacher moebert dense_pruned --seeds 0 1 2
+
+GPU preset (full training sets, the paper's Table 7 student budgets, 3 seeds, bf16 autocast on CUDA),
+in two parts sized for about 9 minutes each on one H200, writing quality_paper.{md,json}:
+
+    python benchmarks/quality.py --preset paper --part 1      # SST-2 + MRPC
+    python benchmarks/quality.py --preset paper --part 2      # SQuAD v1.1
+    python benchmarks/quality.py --preset paper --part 1 --smoke 64   # CPU check: 64 examples, a few steps
 """
 
 from __future__ import annotations
@@ -40,6 +47,13 @@ ROWS = {
     "shared_0": ({"shared_dim": 0}, "MoEBERT with s = 0 shared neurons"),
     "shared_128": ({"shared_dim": 128}, "MoEBERT with s = 128 shared neurons"),
 }
+# --preset paper: per task (seeds, teacher epochs, max length, batch size, part). Students take the task's
+# Table 7 budget (training.pipeline.PAPER_DISTILL). Batch 32 as in the paper; bf16 autocast on CUDA.
+PAPER_PRESET = {
+    "sst2": {"seeds": [0, 1, 2], "finetune_epochs": 3, "max_length": 128, "part": 1},
+    "mrpc": {"seeds": [0, 1, 2], "finetune_epochs": 4, "max_length": 128, "part": 1},
+    "squad": {"seeds": [0, 1, 2], "finetune_epochs": 2, "max_length": 384, "part": 2},
+}
 MAIN = {"sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "rte": ("accuracy",), "squad": ("exact_match", "f1")}
 
 
@@ -50,7 +64,9 @@ def main() -> None:
         "--rows", nargs="+", default=["teacher", "moebert", "dense_pruned"], help=f"teacher and/or {', '.join(ROWS)}"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (MRPC/RTE: use 3)")
-    p.add_argument("--runs-dir", default="runs/quality", help="where the pipelines write (resumable)")
+    p.add_argument(
+        "--runs-dir", help="where the pipelines write (resumable; default runs/quality, a preset runs/<preset>)"
+    )
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder with glue/ and squad/")
     p.add_argument(
         "--train-limit",
@@ -76,7 +92,23 @@ def main() -> None:
         "teacher and importance) and go to benchmarks/results/quality_<tag>.{md,json}, so the main table keeps "
         "one budget",
     )
+    p.add_argument(
+        "--preset",
+        choices=("paper",),
+        help="paper: full training sets, Table 7 budgets, 3 seeds, bf16 on CUDA (a GPU run; see --part, --smoke); "
+        "writes quality_paper.{md,json} and trains under runs/paper",
+    )
+    p.add_argument("--part", type=int, choices=(1, 2), help="with --preset paper: 1 = SST-2 + MRPC, 2 = SQuAD")
+    p.add_argument(
+        "--smoke",
+        type=int,
+        metavar="N",
+        help="with --preset: N training and N dev examples, 2 steps per stage (checks the preset end to end on CPU)",
+    )
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="training autocast")
     args = p.parse_args()
+    if args.preset is None and (args.part or args.smoke):
+        p.error("--part and --smoke go with --preset")
     if args.distill_weight is not None:
         try:  # here, before any teacher is fine-tuned
             check_distill_weight(args.distill_weight)
@@ -86,77 +118,121 @@ def main() -> None:
         p.error(f"--tag must be letters, digits, '.', '_' or '-' (it names folders and files), got {args.tag!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    for t_idx, task in enumerate(args.tasks):
-        limit = args.train_limit[t_idx] if t_idx < len(args.train_limit) else None
-        max_length = args.max_length or (384 if task.startswith("squad") else 128)
-        data = DataConfig(
-            task=task, data_dir=args.data_dir, train_limit=limit, max_length=max_length, doc_stride=args.doc_stride
-        )
-        ft, ds, lam = task_defaults(task)
-        lam = args.distill_weight if args.distill_weight is not None else lam
-        ft = replace(ft, attention_dropout=args.attention_dropout)
-        ds = replace(ds, attention_dropout=args.attention_dropout)
-        if args.finetune_epochs:
-            ft = replace(ft, epochs=args.finetune_epochs)
-        if args.finetune_lr:
-            ft = replace(ft, lr=args.finetune_lr)
-        if args.distill_epochs:
-            ds = replace(ds, epochs=args.distill_epochs)
-        per_row: dict[str, list[dict]] = {}
-        budget: dict[str, float] = {}
-        for seed in args.seeds:
-            base = Path(args.runs_dir) / task / f"seed{seed}"
-            teacher_dir = base / "teacher"
-            ft_cfg = FinetuneConfig(data=data, output_dir=str(teacher_dir), optim=replace(ft, seed=seed))
-            if not finished(teacher_dir, fingerprint(asdict(ft_cfg), [ft_cfg.model])):
-                if args.tag:  # an experiment must not retrain (and so replace) the main rows' teacher
-                    p.error(f"--tag {args.tag}: no finished teacher in {teacher_dir} with these fine-tuning settings")
-                finetune(ft_cfg)
-            if "teacher" in args.rows:
-                teacher_eval = evaluate(
-                    EvaluateConfig(
-                        model=str(teacher_dir), data=data, output=str(base / "eval_teacher.json"), reuse=True
-                    )
-                )
-                per_row.setdefault("teacher", []).append(_first_split(teacher_eval))
-                budget["teacher"] = budget.get("teacher", 0.0) + _train_seconds(teacher_dir)
-            for row in [r for r in args.rows if r != "teacher"]:
-                overrides, _ = ROWS[row]
-                cfg = PipelineConfig(
-                    data=data,
-                    output_dir=str(base / (f"{row}_{args.tag}" if args.tag else row)),
-                    finetuned_teacher=str(teacher_dir),
-                    evaluate_teacher=False,
-                    importance_file=str(base / "importance.safetensors"),
-                    importance_samples=args.samples,
-                    distill_optim=ds,
-                    distill_weight=lam,
-                    seed=seed,
-                    **overrides,
-                )
-                results = run_pipeline(cfg)
-                budget[row] = budget.get(row, 0.0) + _train_seconds(Path(cfg.output_dir) / "student")
-                per_row.setdefault(row, []).append(_first_split(results["moebert"]))
-        settings = {
-            "train_limit": limit,
-            "max_length": max_length,
-            "doc_stride": args.doc_stride if task.startswith("squad") else None,
-            "finetune": vars_of(ft),
-            "distill": vars_of(ds),
-            "distill_weight": lam,
-            "importance_samples": args.samples,
-        }
-        command = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
-        rows = {
-            row: {
-                **_aggregate(runs),
+    for job in jobs(args):
+        run_job(p, args, **job)
+
+
+def jobs(args) -> list[dict]:
+    """What to run, task by task: the command line's tasks, or a preset's."""
+    if args.preset is None:
+        return [
+            {
+                "task": task,
                 "seeds": args.seeds,
-                "train_minutes": round(budget[row] / 60 / len(args.seeds), 1),
-                "command": command,
+                "limit": args.train_limit[i] if i < len(args.train_limit) else None,
+                "max_length": args.max_length or (384 if task.startswith("squad") else 128),
+                "finetune_epochs": args.finetune_epochs,
+                "distill_epochs": args.distill_epochs,
+                "tag": args.tag,
+                "runs_dir": args.runs_dir or "runs/quality",
+                "smoke": None,
             }
-            for row, runs in per_row.items()
+            for i, task in enumerate(args.tasks)
+        ]
+    out = []
+    name = "paper_smoke" if args.smoke else "paper"  # a smoke check never overwrites the real table
+    for task, preset in PAPER_PRESET.items():
+        if args.part and preset["part"] != args.part:
+            continue
+        out.append(
+            {
+                "task": task,
+                "seeds": preset["seeds"],
+                "limit": args.smoke,
+                "max_length": min(preset["max_length"], 128) if args.smoke else preset["max_length"],
+                "finetune_epochs": preset["finetune_epochs"],
+                "distill_epochs": None,  # the task's Table 7 budget
+                "tag": name,
+                "runs_dir": args.runs_dir or f"runs/{name}",
+                "smoke": args.smoke,
+            }
+        )
+    return out
+
+
+def run_job(p, args, task, seeds, limit, max_length, finetune_epochs, distill_epochs, tag, runs_dir, smoke) -> None:
+    """One task's rows over its seeds, merged into its results table."""
+    preset = args.preset is not None
+    data = DataConfig(
+        task=task, data_dir=args.data_dir, train_limit=limit, max_length=max_length, doc_stride=args.doc_stride,
+        eval_limit=smoke,
+    )  # fmt: skip
+    ft, ds, lam = task_defaults(task)
+    lam = args.distill_weight if args.distill_weight is not None else lam
+    ft = replace(ft, attention_dropout=args.attention_dropout, precision=args.precision)
+    ds = replace(ds, attention_dropout=args.attention_dropout, precision=args.precision)
+    if finetune_epochs:
+        ft = replace(ft, epochs=finetune_epochs)
+    if args.finetune_lr:
+        ft = replace(ft, lr=args.finetune_lr)
+    if distill_epochs:
+        ds = replace(ds, epochs=distill_epochs)
+    if smoke:
+        ft, ds = replace(ft, max_steps=2), replace(ds, max_steps=2)
+    per_row: dict[str, list[dict]] = {}
+    budget: dict[str, float] = {}
+    for seed in seeds:
+        base = Path(runs_dir) / task / f"seed{seed}"
+        teacher_dir = base / "teacher"
+        ft_cfg = FinetuneConfig(data=data, output_dir=str(teacher_dir), optim=replace(ft, seed=seed))
+        if not finished(teacher_dir, fingerprint(asdict(ft_cfg), [ft_cfg.model])):
+            if tag and not preset:  # an experiment must not retrain (and so replace) the main rows' teacher
+                p.error(f"--tag {tag}: no finished teacher in {teacher_dir} with these fine-tuning settings")
+            finetune(ft_cfg)
+        if "teacher" in args.rows:
+            teacher_eval = evaluate(
+                EvaluateConfig(model=str(teacher_dir), data=data, output=str(base / "eval_teacher.json"), reuse=True)
+            )
+            per_row.setdefault("teacher", []).append(_first_split(teacher_eval))
+            budget["teacher"] = budget.get("teacher", 0.0) + _train_seconds(teacher_dir)
+        for row in [r for r in args.rows if r != "teacher"]:
+            overrides, _ = ROWS[row]
+            cfg = PipelineConfig(
+                data=data,
+                output_dir=str(base / (f"{row}_{tag}" if tag and not preset else row)),
+                finetuned_teacher=str(teacher_dir),
+                evaluate_teacher=False,
+                importance_file=str(base / "importance.safetensors"),
+                importance_samples=min(args.samples, smoke) if smoke else args.samples,
+                distill_optim=ds,
+                distill_weight=lam,
+                seed=seed,
+                **overrides,
+            )
+            results = run_pipeline(cfg)
+            budget[row] = budget.get(row, 0.0) + _train_seconds(Path(cfg.output_dir) / "student")
+            per_row.setdefault(row, []).append(_first_split(results["moebert"]))
+    settings = {
+        "train_limit": limit,
+        "max_length": max_length,
+        "doc_stride": args.doc_stride if task.startswith("squad") else None,
+        "finetune": vars_of(ft),
+        "distill": vars_of(ds),
+        "distill_weight": lam,
+        "importance_samples": min(args.samples, smoke) if smoke else args.samples,
+        **({"preset": args.preset, "smoke": smoke} if preset else {}),
+    }
+    command = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
+    rows = {
+        row: {
+            **_aggregate(runs),
+            "seeds": seeds,
+            "train_minutes": round(budget[row] / 60 / len(seeds), 1),
+            "command": command,
         }
-        _merge(args.tag, task, settings, rows)
+        for row, runs in per_row.items()
+    }
+    _merge(tag, task, settings, rows)
 
 
 def _merge(tag: str | None, task: str, settings: dict, rows: dict) -> None:

@@ -3,6 +3,7 @@ reference), the real MiniLM teacher and tokenizer when installed, and the task d
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -95,3 +96,22 @@ def padded_batch(tokenizer) -> dict[str, torch.Tensor]:
     T = max(len(r["input_ids"]) for r in rows)
     pad = lambda seq: seq + [0] * (T - len(seq))
     return {k: torch.tensor([pad(r[k]) for r in rows]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+POSITIVE = ["a gorgeous, witty, seductive movie", "charming and affecting", "the best film this year", "a joy"]
+NEGATIVE = ["paper-thin and lifeless", "dull, dull, dull", "it never comes alive", "a tedious mess"]
+
+
+def write_csv(path, rows):
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def custom_data(tmp_path):
+    """A tiny custom sentiment task: (train.csv, dev.csv) with string labels."""
+    rows = [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
+    return write_csv(tmp_path / "train.csv", rows * 3), write_csv(tmp_path / "dev.csv", rows)

