@@ -20,7 +20,7 @@ STAGE_FILE = "stage.json"
 # those stages stay valid; once set they count like any other setting.
 ADDED_LATER = frozenset({"attention_dropout"})
 # Settings that change how a stage runs, not what it makes: never part of the fingerprint.
-NOT_FINGERPRINTED = frozenset({"checkpoint_minutes"})
+NOT_FINGERPRINTED = frozenset({"checkpoint_minutes", "teacher_cache_gb"})
 
 
 def _canonical(value):

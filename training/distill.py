@@ -22,6 +22,7 @@ from moebert.loading import load_model
 from training.checkpoint import fingerprint, resume_folder, stage_output
 from training.common import DataConfig, device_of, label_names_of, tokenizer_for, write_json
 from training.loop import Distributed, OptimConfig, fit
+from training.teacher_cache import TeacherCache, build_cache, cache_bytes, cache_path
 from training.train_state import STATE_DIR
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class DistillConfig:
     output_dir: str
     distill_weight: float = 1.0  # λ
     distill: bool = True  # False: task loss only (ablation)
+    # Store the teacher's outputs on the training set once (beside the teacher, shared by students) when
+    # they take at most this many GB, instead of a teacher forward every step; 0 turns it off.
+    teacher_cache_gb: float = 8.0
     optim: OptimConfig = field(default_factory=OptimConfig)
     overwrite: bool = True
 
@@ -78,20 +82,32 @@ def prediction_loss(student_out, teacher_out, mask: torch.Tensor) -> torch.Tenso
     return symmetric_kl(student_out.logits, teacher_out.logits)
 
 
-def make_distill_loss(teacher, weight: float, enabled: bool):
-    def compute(student, batch):
-        out = student(**batch, output_hidden_states=enabled)
-        if not enabled:
+class DistillLoss:
+    """L_task + λ (hidden MSE + prediction KL) for a student batch. The teacher's outputs come from the
+    teacher itself (no autograd) or, with `cache`, from its stored outputs for the batch's rows."""
+
+    def __init__(self, teacher, weight: float, enabled: bool, cache: TeacherCache | None = None):
+        self.teacher, self.weight, self.enabled, self.cache = teacher, weight, enabled, cache
+        self.needs_rows = cache is not None  # training.loop.fit passes the batch's dataset rows
+
+    def __call__(self, student, batch, rows: torch.Tensor | None = None):
+        out = student(**batch, output_hidden_states=self.enabled)
+        if not self.enabled:
             return out.loss, {"task": out.loss.item()}
-        with torch.no_grad():
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-            t_out = teacher(**inputs, output_hidden_states=True)
+        if self.cache is not None:
+            t_out = self.cache.outputs(rows, batch["input_ids"].shape[1], batch["input_ids"].device)
+        else:
+            with torch.no_grad():
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+                t_out = self.teacher(**inputs, output_hidden_states=True)
         mse = hidden_mse(out.hidden_states, t_out.hidden_states, batch["attention_mask"])
         pred = prediction_loss(out, t_out, batch["attention_mask"])
-        loss = out.loss + weight * (mse + pred)
+        loss = out.loss + self.weight * (mse + pred)
         return loss, {"task": out.loss.item(), "hidden_mse": mse.item(), "pred_kl": pred.item()}
 
-    return compute
+
+def make_distill_loss(teacher, weight: float, enabled: bool, cache: TeacherCache | None = None) -> DistillLoss:
+    return DistillLoss(teacher, weight, enabled, cache)
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -112,6 +128,7 @@ def distill(cfg: DistillConfig) -> Path:
     d = Distributed.setup()
     if teacher is not None:
         teacher.to("cuda" if torch.cuda.is_available() else "cpu")
+    cache = _teacher_cache(cfg, teacher, train, d)
     from training.data import evaluate_model
 
     with stage_output(cfg.output_dir, "distill", fp, config_dict, cfg.overwrite, resumable=True) as tmp:
@@ -119,7 +136,7 @@ def distill(cfg: DistillConfig) -> Path:
             student,
             train,
             cfg.optim,
-            make_distill_loss(teacher, cfg.distill_weight, cfg.distill),
+            make_distill_loss(teacher, cfg.distill_weight, cfg.distill, cache),
             evaluate=lambda m: evaluate_model(m, dev, batch_size=cfg.optim.eval_batch_size, device=device_of(m)),
             main_metric=spec.main_metric,
             save=lambda m, metrics: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
@@ -135,3 +152,16 @@ def distill(cfg: DistillConfig) -> Path:
     d.barrier()
     log.info("distill %s: best %s", spec.name, result["best"])
     return Path(cfg.output_dir)
+
+
+def _teacher_cache(cfg: DistillConfig, teacher, train, d: Distributed) -> TeacherCache | None:
+    """The teacher's stored outputs on `train` when they fit in cfg.teacher_cache_gb (single process)."""
+    if teacher is None or cfg.teacher_cache_gb <= 0 or d.world_size > 1:
+        return None
+    size = cache_bytes(teacher, train.dataset.lengths())
+    if size > cfg.teacher_cache_gb * 1e9:
+        log.info("teacher outputs: %.1f GB > teacher_cache_gb %.1f: computed every step", size / 1e9,
+                 cfg.teacher_cache_gb)  # fmt: skip
+        return None
+    path = cache_path(cfg.teacher, asdict(cfg.data))
+    return TeacherCache(build_cache(teacher, train, path, batch_size=cfg.optim.eval_batch_size))

@@ -171,8 +171,10 @@ def fit(
     if opt.attention_dropout is not None:
         set_attention_dropout(model, opt.attention_dropout)
     torch.manual_seed(opt.seed)
+    dataset = train_data.dataset
+    lengths = dataset.lengths() if hasattr(dataset, "lengths") else [len(item["input_ids"]) for item in dataset]
     batches = TrainBatches(
-        train_data.dataset.lengths(), opt.batch_size, seed=opt.seed, group_by_length=opt.group_by_length,
+        lengths, opt.batch_size, seed=opt.seed, group_by_length=opt.group_by_length,
         rank=d.rank, world_size=d.world_size,
     )  # fmt: skip
     steps_per_epoch = len(batches)
@@ -224,7 +226,10 @@ def fit(
                 batch = train_data.collate([train_data.dataset[i] for i in rows])
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast:
-                    loss, parts = compute_loss(wrapped, batch)
+                    if getattr(compute_loss, "needs_rows", False):  # e.g. reads cached teacher outputs by row
+                        loss, parts = compute_loss(wrapped, batch, torch.tensor(rows))
+                    else:
+                        loss, parts = compute_loss(wrapped, batch)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
                 optimizer.step()
