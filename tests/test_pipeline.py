@@ -3,6 +3,7 @@ resuming (finished stages are skipped), interruption (nothing half-written), bad
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -178,3 +179,47 @@ def test_attention_dropout_setting(tiny_cls_dir, custom_data, tmp_path):
     fit(model, loaded, opt, task_loss, None, "accuracy", lambda m, metrics: None, tmp_path / "log")
     rates = {m.attention_dropout_p for m in model.modules() if hasattr(m, "attention_dropout_p")}
     assert rates == {0.0} and model.config.attention_probs_dropout_prob > 0  # the saved config keeps its own
+
+
+def test_no_distill_needs_no_teacher(tiny_cls_dir, custom_data, tmp_path, capsys):
+    from moebert.convert import ConvertConfig, convert
+
+    train, dev = custom_data
+    moe = convert(ConvertConfig(teacher=str(tiny_cls_dir), output_dir=str(tmp_path / "moe"), split="random",
+                                expert_dim=21, shared_dim=7))  # fmt: skip
+    common = [str(moe), "--task", "custom", "--data-dir", str(train), "--dev-file", str(dev), "--max-length", "32",
+              "--max-steps", "1", "--epochs", "1"]  # fmt: skip
+    assert main(["distill", *common, "-o", str(tmp_path / "alone"), "--no-distill"]) == 0
+    assert (tmp_path / "alone" / "stage.json").is_file()
+    capsys.readouterr()
+    assert main(["distill", *common, "-o", str(tmp_path / "missing")]) == 2  # distillation itself does need one
+    err = capsys.readouterr().err
+    assert "distillation needs a teacher (--teacher)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "missing").exists()
+
+
+def test_hash_balance_reads_the_tasks_own_columns(tiny_cls_dir, tmp_path):
+    """A custom text column the header guess would not know ("review"), and a sentence pair."""
+    from safetensors.torch import load_file
+
+    rows = [(f"{t} indeed", t, "pos") for t in ("a joy", "the best film")] + [
+        (f"{t} sadly", t, "neg") for t in ("dull, dull", "a tedious mess")
+    ]
+    for name in ("train", "dev"):
+        with (tmp_path / f"{name}.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([("review", "summary", "label"), *rows])
+    out = tmp_path / "run"
+    args = [
+        "pipeline", "--task", "custom", "--data-dir", str(tmp_path / "train.csv"), "--dev-file",
+        str(tmp_path / "dev.csv"), "--text-column", "review", "--text-pair-column", "summary", "-o", str(out),
+        "--teacher", str(tiny_cls_dir), "--finetune-epochs", "1", "--epochs", "1", "--batch-size", "4",
+        "--samples", "4", "--expert-dim", "21", "--shared-dim", "7", "--max-length", "32", "--route", "hash-balance",
+    ]  # fmt: skip
+    assert main(args) == 0
+    counts = load_file(out / "balance_counts.safetensors")["token_counts"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_cls_dir))
+    for word in ("indeed", "sadly", "film", "mess"):  # from both columns
+        assert counts[tok.convert_tokens_to_ids(word)] > 0, word
+    assert load_model(out / "student").config.route_method == "hash-balance"

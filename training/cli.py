@@ -239,7 +239,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Layer-wise distillation (METHOD.md §4) from the frozen dense teacher into a converted student.",
     )
     p.add_argument("student", help="the converted MoEBERT folder (from `moebert convert`)")
-    p.add_argument("--teacher", required=True, help="the fine-tuned dense teacher folder")
+    p.add_argument("--teacher", help="the fine-tuned dense teacher folder (not needed with --no-distill)")
     p.add_argument("--output-dir", "-o", required=True, help="folder for the trained student")
     p.add_argument(
         "--distill-weight", type=float, default=1.0, help="λ: weight of hidden MSE + prediction KL (default 1)"

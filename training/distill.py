@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DistillConfig:
     student: str  # the converted MoEBERT folder (or a pruned dense one)
-    teacher: str  # the fine-tuned dense teacher
+    teacher: str | None  # the fine-tuned dense teacher (None only without distillation)
     data: DataConfig
     output_dir: str
     distill_weight: float = 1.0  # λ
@@ -44,6 +44,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         check_distill_weight(self.distill_weight)
+        if self.distill and not self.teacher:
+            raise ValueError("distillation needs a teacher (--teacher), or train on the task loss alone (--no-distill)")
 
 
 def check_distill_weight(value: float) -> None:

@@ -21,7 +21,7 @@ from training.distill import DistillConfig, check_distill_weight, distill
 from training.evaluate import EvaluateConfig, evaluate
 from training.finetune import FinetuneConfig, finetune
 from training.importance import ImportanceConfig, score_importance
-from training.loop import OptimConfig
+from training.loop import Distributed, OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         ft = FinetuneConfig(data=cfg.data, output_dir=teacher, model=cfg.teacher, optim=ft_optim)
         _run_stage("finetune", ft, teacher, [cfg.teacher], lambda: finetune(ft))
 
+    # Under torchrun, fine-tuning and distillation train on every rank (they publish from rank 0 and wait
+    # for it); the single-process stages run on rank 0 while the others wait, then read its folders.
+    d = Distributed.setup()
+
     # 2. importance (not needed for a random split)
     importance = Path(cfg.importance_file) if cfg.importance_file else out / "importance.safetensors"
-    if cfg.split != "random":
+    if cfg.split != "random" and d.is_main:
         imp = ImportanceConfig(
             model=teacher, data=cfg.data, samples=cfg.importance_samples, output=str(importance), seed=cfg.seed
         )
@@ -99,6 +103,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         else:
             score_importance(imp)
             _stamp_importance(importance, imp_fp)
+    d.barrier()
 
     # 3. convert
     moe = str(out / "moe")
@@ -106,16 +111,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         teacher=teacher, output_dir=moe, num_experts=cfg.num_experts, expert_dim=cfg.expert_dim,
         shared_dim=cfg.shared_dim, route=cfg.route, split=cfg.split,
         importance=str(importance) if cfg.split != "random" else None, seed=cfg.seed, overwrite=True,
-        balance_data=str(cfg.data.path("train")) if cfg.route == "hash-balance" else None,
+        balance_table=str(_balance_counts(cfg.data, teacher, out)) if cfg.route == "hash-balance" and d.is_main
+        else None,
     )  # fmt: skip
-    _run_stage(
-        "convert",
-        conv,
-        moe,
-        [teacher, importance if cfg.split != "random" else None],
-        lambda: convert(conv),
-        stamp=True,
-    )
+    if d.is_main:
+        convert_inputs = [teacher, importance if cfg.split != "random" else None]
+        _run_stage("convert", conv, moe, convert_inputs, lambda: convert(conv), stamp=True)
+    d.barrier()
 
     # 4. distill
     student = str(out / "student")
@@ -123,8 +125,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                        distill=cfg.distill, optim=ds_optim)  # fmt: skip
     _run_stage("distill", ds, student, [moe, teacher], lambda: distill(ds))
 
-    # 5. evaluate teacher and student on the dev split(s)
+    # 5. evaluate teacher and student on the dev split(s), on rank 0
     results = {}
+    if not d.is_main:
+        d.barrier()
+        return results
     for name, path in (("teacher", teacher), ("moebert", student)):
         if name == "teacher" and not cfg.evaluate_teacher:
             continue
@@ -132,6 +137,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             EvaluateConfig(model=path, data=cfg.data, output=str(out / f"eval_{name}.json"), reuse=True)
         )
     write_json(out / "results.json", {"config": asdict(cfg), "results": results})
+    d.barrier()
     return results
 
 
@@ -149,6 +155,40 @@ def _run_stage(name: str, stage_cfg, out_dir: str, inputs: list, run, stamp: boo
         (Path(out_dir) / STAGE_FILE).write_text(
             json.dumps({"stage": name, "fingerprint": fp, "config": config_dict}, default=str)
         )
+
+
+def _balance_counts(data: DataConfig, teacher: str, out: Path) -> Path:
+    """hash-balance: token frequencies of the task's own text columns (as the task reads them: any GLUE
+    task, custom columns, sentence pairs, SQuAD questions and contexts) → balance_counts.safetensors.
+    Rewritten only when the data or tokenizer changed, so an up-to-date convert stays up to date."""
+    from safetensors.torch import save_file
+
+    from moebert.loading import load_config
+    from moebert.routing import token_counts
+    from training.common import tokenizer_for
+    from training.data import read_examples
+
+    path = out / "balance_counts.safetensors"
+    fp = fingerprint({k: v for k, v in asdict(data).items() if k not in ("eval_limit", "dev_file")}, [teacher])
+    if _importance_fingerprint(path) == fp:
+        return path
+    spec = data.spec()
+    train = data.path(spec.train_split)
+    if spec.kind == "qa":
+        from training.squad import read_squad
+
+        examples = read_squad(train, v2=spec.name == "squad_v2", limit=data.train_limit)
+        texts = (t for e in examples for t in (e.question, e.context))
+    else:
+        examples, _ = read_examples(spec, train, data.train_limit)
+        texts = (t for e in examples for t in (e.text, e.text_pair) if t)
+    counts = token_counts(texts, tokenizer_for(teacher), load_config(teacher).vocab_size)
+    if not counts.any():
+        raise ValueError(f"{train}: no tokens found to balance the hash table on")
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"token_counts": counts}, str(tmp), metadata={"fingerprint": fp})
+    tmp.replace(path)
+    return path
 
 
 def _importance_fingerprint(path: Path) -> str | None:
