@@ -76,7 +76,10 @@ def main() -> None:
         (tmp / "onnx").mkdir()
         for name in ("model.int8.onnx", "export.json"):
             shutil.copy(student / "onnx" / name, tmp / "onnx" / name)
-        shutil.copy(student / "config.json", tmp / "config.json")
+        # No torch weights travel in this form, so neither does the remote-code auto_map of the student.
+        config = json.loads((student / "config.json").read_text())
+        config.pop("auto_map", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in (*TOKENIZER_FILES, "conversion.json"):
         if (student / name).is_file():
             shutil.copy(student / name, tmp / name)
