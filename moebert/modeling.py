@@ -379,6 +379,15 @@ class MoEBertPreTrainedModel(PreTrainedModel):
             module.ln_weight.fill_(1.0)
             module.ln_bias.zero_()
 
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """transformers' save, plus self-contained modeling code and `auto_map` in config.json, so the
+        folder loads with `trust_remote_code=True` where this project is not installed."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            from moebert.remote_code import write_remote_code
+
+            write_remote_code(save_directory)
+
     def set_moe_backend(self, backend: str | None) -> None:
         """Switch every MoE layer to `reference`, `torch`, `triton` or None (auto)."""
         from kernels import BACKENDS

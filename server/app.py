@@ -15,6 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.batching import Batcher
 from server.errors import ClientGone, error_body, install_error_handlers
 from server.metrics import Metrics
+from server.middleware import install_middleware
+from server.openapi import install_security_scheme, is_guarded
 from server.registry import Registry, load_served_model
 from server.schemas import (
     ClassifyRequest,
@@ -26,6 +28,8 @@ from server.schemas import (
     QAResponse,
 )
 from server.settings import ServerSettings
+from server.tei import tei_router
+from server.tokenize import tokenize_router
 
 log = logging.getLogger("moebert.server")
 
@@ -37,6 +41,8 @@ ENDPOINTS = {
     "/health/live": "live",
     "/health/ready": "ready",
     "/metrics": "metrics",
+    "/v1/tokenize": "tokenize",
+    "/predict": "tei_predict",
 }
 
 
@@ -129,7 +135,7 @@ class Guard:
 
         metrics.in_flight.inc()
         try:
-            rejection = self._reject(scope) if scope["path"].startswith("/v1/") else None
+            rejection = self._reject(scope) if is_guarded(scope["path"]) else None
             if rejection is not None:
                 await rejection(scope, receive, send_counted)
             else:
@@ -208,6 +214,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.moebert = state
     install_error_handlers(app, lambda reason: state.metrics.failures.labels(reason).inc())
     app.add_middleware(Guard, state=state)
+    install_middleware(app, settings)  # request ids, access log, CORS (server/middleware.py)
+    install_security_scheme(app, settings)
+    app.include_router(tokenize_router(state))
+    app.include_router(tei_router(state))
 
     async def infer(handle, body, request: Request, task: str) -> Response:
         """Run one inference handler; a client that left gets a 499 (nobody reads it) and a metric."""

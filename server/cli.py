@@ -35,6 +35,8 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--max-qa-windows", {"type": int, "help": "QA windows per request (default 64)"}),
     ("--drain-timeout-s", {"type": float, "help": "SIGTERM: time allowed for in-flight work (default 30)"}),
     ("--log-level", {"choices": ["debug", "info", "warning", "error"], "help": "default info"}),
+    ("--access-log", {"action": "store_const", "const": True, "help": "one JSON line per request on stderr"}),
+    ("--cors-origins", {"help": "comma-separated origins browsers may call from ('*': any; default none)"}),
 ]
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from server.operations_settings import OperationsSettings
 
 ENV_PREFIX = "MOEBERT_SERVE_"
 
@@ -41,8 +43,9 @@ def parse_models(value: object) -> dict[str, str]:
     raise ValueError(f"models: expected NAME=PATH pairs, got {type(value).__name__}")
 
 
-class ServerSettings(BaseSettings):
-    """Everything the service can be told. Limits are per model unless said otherwise."""
+class ServerSettings(OperationsSettings):
+    """Everything the service can be told. Limits are per model unless said otherwise (the operations
+    fields, access_log and cors_*, are in server/operations_settings.py)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 

@@ -4,6 +4,7 @@ tiny MoEBERT on CPU (gloo); each rank writes a digest of its parameters."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ def main() -> None:
     )
     rank = os.environ["RANK"]
     (out / f"rank{rank}.txt").write_text(f"{before} {digest(model)}")
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    (out / f"env{rank}.json").write_text(json.dumps({k: os.environ.get(k) for k in names}))
 
 
 def digest(model) -> str:

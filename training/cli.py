@@ -165,6 +165,18 @@ def run_evaluate(args) -> None:
     )
 
 
+def run_predict(args) -> None:
+    from training.predict import PredictConfig, predict
+
+    cfg = PredictConfig(
+        model=args.model, data=data_config(args), output_dir=args.output_dir,
+        splits=tuple(args.split) if args.split else None, batch_size=args.batch_size,
+        null_threshold=args.null_threshold,
+    )  # fmt: skip
+    for path in predict(cfg):
+        print(path)
+
+
 def run_pipeline(args) -> None:
     from training.common import default_teacher
     from training.pipeline import PipelineConfig, run_pipeline, task_defaults
@@ -262,6 +274,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="metrics JSON (default <model>/eval_<task>.json)")
     add_data_args(p)
     p.set_defaults(run=run_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="write leaderboard prediction files (GLUE test TSVs, SQuAD predictions.json)",
+        description="GLUE: <TASK>.tsv (SST-2.tsv, MNLI-m.tsv, ...) with index<TAB>prediction for the test split(s), "
+        "ready to zip for gluebenchmark.com. SQuAD: predictions.json (+ na_probs.json for squad_v2) for the official "
+        "evaluate scripts.",
+    )
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--output-dir", "-o", required=True, help="folder for the prediction files")
+    p.add_argument(
+        "--split", action="append", help="split to predict (repeatable; default: GLUE test split(s), SQuAD dev)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    p.add_argument(
+        "--null-threshold", type=float, default=0.0,
+        help="squad_v2: answer '' when the null score beats the best span by more than this (logits; default 0)",
+    )  # fmt: skip
+    add_data_args(p)
+    p.set_defaults(run=run_predict)
 
     p = sub.add_parser(
         "pipeline",

@@ -486,12 +486,13 @@ def load_split(
 
 
 @torch.no_grad()
-def predict(model, data: TaskData, *, batch_size: int = 64, device="cpu") -> dict:
+def predict(model, data: TaskData, *, batch_size: int = 64, device="cpu", null_threshold: float = 0.0) -> dict:
     """Run `model` (in eval mode; its mode is restored) over data.dataset in order.
 
     Classification / regression: {"logits": FloatTensor [n, num_labels]}.
     QA: {"predictions": {example id: answer text}} plus "na_probs" {example id: p} for squad_v2,
-    decoded as training.squad.decode_predictions describes.
+    decoded as training.squad.decode_predictions describes (squad_v2: "" when the null score beats the
+    best span by more than `null_threshold`).
     """
     was_training = model.training
     model.eval()
@@ -518,7 +519,7 @@ def predict(model, data: TaskData, *, batch_size: int = 64, device="cpu") -> dic
     if data.task.kind == "qa":
         from training.squad import decode_predictions
 
-        return decode_predictions(data, starts, ends)
+        return decode_predictions(data, starts, ends, null_threshold=null_threshold)
     num_labels = data.task.num_labels
     return {"logits": torch.stack(logits) if logits else torch.empty(0, num_labels)}
 

@@ -261,12 +261,14 @@ def decode_predictions(
     *,
     n_best: int = N_BEST,
     max_answer_len: int = MAX_ANSWER_LEN,
+    null_threshold: float = 0.0,
 ) -> dict:
     """run_qa's postprocess_qa_predictions: {"predictions": {id: text}} and, for v2.0, "na_probs".
 
     start_logits, end_logits: one array [n] per window of `data` (in dataset order, n = its length).
     v1.1: the best-scoring span (start + end logit) over the question's windows. v2.0: "" when the
-    smallest [CLS] score of its windows exceeds the best span's score (null_score_diff_threshold 0);
+    smallest [CLS] score of its windows exceeds the best span's score by more than `null_threshold`
+    (run_qa's null_score_diff_threshold, default 0);
     na_probs = sigmoid(null score − best span score), the probability-like score the official v2.0
     script thresholds.
     """
@@ -302,7 +304,7 @@ def decode_predictions(
             predictions[example.id], na_probs[example.id] = "", 1.0
             continue
         diff = null.score - non_null.start_logit - non_null.end_logit
-        predictions[example.id] = "" if diff > 0.0 else example.context[non_null.start : non_null.end]
+        predictions[example.id] = "" if diff > null_threshold else example.context[non_null.start : non_null.end]
         na_probs[example.id] = _sigmoid(diff)
     return {"predictions": predictions, "na_probs": na_probs} if v2 else {"predictions": predictions}
 
