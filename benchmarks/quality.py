@@ -50,9 +50,9 @@ ROWS = {
 # --preset paper: per task (seeds, teacher epochs, max length, batch size, part). Students take the task's
 # Table 7 budget (training.pipeline.PAPER_DISTILL). Batch 32 as in the paper; bf16 autocast on CUDA.
 PAPER_PRESET = {
-    "sst2": {"seeds": [0, 1, 2], "finetune_epochs": 3, "max_length": 128, "part": 1},
-    "mrpc": {"seeds": [0, 1, 2], "finetune_epochs": 4, "max_length": 128, "part": 1},
-    "squad": {"seeds": [0, 1, 2], "finetune_epochs": 2, "max_length": 384, "part": 2},
+    "sst2": {"seeds": [0, 1, 2], "finetune_epochs": 3.0, "max_length": 128, "part": 1},
+    "mrpc": {"seeds": [0, 1, 2], "finetune_epochs": 4.0, "max_length": 128, "part": 1},
+    "squad": {"seeds": [0, 1, 2], "finetune_epochs": 2.0, "max_length": 384, "part": 2},
 }
 MAIN = {"sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "rte": ("accuracy",), "squad": ("exact_match", "f1")}
 
@@ -106,9 +106,17 @@ def main() -> None:
         help="with --preset: N training and N dev examples, 2 steps per stage (checks the preset end to end on CPU)",
     )
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="training autocast")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="train this many seeds at once, each in its own process (GPU; default 1)"
+    )
+    # A child of --jobs running one seed of a preset: the preset's folders, tag and limits, as given.
+    p.add_argument("--as-preset", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--smoke-limit", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.preset is None and (args.part or args.smoke):
         p.error("--part and --smoke go with --preset")
+    if args.jobs < 1:
+        p.error(f"--jobs must be ≥ 1, got {args.jobs}")
     if args.distill_weight is not None:
         try:  # here, before any teacher is fine-tuned
             check_distill_weight(args.distill_weight)
@@ -119,23 +127,70 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     for job in jobs(args):
-        run_job(p, args, **job)
+        if args.jobs > 1 and len(job["seeds"]) > 1:
+            train_seeds_in_parallel(args, job)
+        run_job(p, args, **job)  # with --jobs: every stage is finished, so this only gathers the table
+
+
+def train_seeds_in_parallel(args, job: dict) -> None:
+    """Train each seed of a task in its own process, `--jobs` at a time (a GPU that one small model leaves
+    mostly idle runs several at once). Each seed has its own folders, so the processes never share one."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    pending = list(job["seeds"])
+    running: list[subprocess.Popen] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            kept = _without(argv, "--seeds", "--jobs", "--tasks", "--preset", "--part", "--smoke")
+            cmd = [sys.executable, __file__, *kept, "--tasks", job["task"], "--seeds", str(seed), "--jobs", "1",
+                   *_preset_as_flags(args, job)]  # fmt: skip
+            logging.info("seed %d: %s", seed, " ".join(cmd))
+            running.append(subprocess.Popen(cmd))
+        done = running.pop(0)
+        if done.wait() != 0:
+            raise SystemExit(f"{job['task']}: a seed's run failed (exit {done.returncode}): {' '.join(done.args)}")
+
+
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """argv without the given flags and their values."""
+    out, skip = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skip = a.split("=")[0] in flags
+        if not skip:
+            out.append(a)
+    return out
+
+
+def _preset_as_flags(args, job: dict) -> list[str]:
+    """A preset's job spelled as plain flags for a child process (same folders, same settings)."""
+    if args.preset is None:
+        return []
+    flags = ["--runs-dir", job["runs_dir"], "--max-length", str(job["max_length"]), "--tag", job["tag"], "--as-preset"]
+    if job["finetune_epochs"]:
+        flags += ["--finetune-epochs", str(job["finetune_epochs"])]
+    if job["smoke"]:
+        flags += ["--smoke-limit", str(job["smoke"])]
+    return flags
 
 
 def jobs(args) -> list[dict]:
     """What to run, task by task: the command line's tasks, or a preset's."""
+    smoke = args.smoke_limit if args.as_preset else None
     if args.preset is None:
         return [
             {
                 "task": task,
                 "seeds": args.seeds,
-                "limit": args.train_limit[i] if i < len(args.train_limit) else None,
+                "limit": smoke or (args.train_limit[i] if i < len(args.train_limit) else None),
                 "max_length": args.max_length or (384 if task.startswith("squad") else 128),
                 "finetune_epochs": args.finetune_epochs,
                 "distill_epochs": args.distill_epochs,
                 "tag": args.tag,
                 "runs_dir": args.runs_dir or "runs/quality",
-                "smoke": None,
+                "smoke": smoke,
             }
             for i, task in enumerate(args.tasks)
         ]
@@ -162,7 +217,7 @@ def jobs(args) -> list[dict]:
 
 def run_job(p, args, task, seeds, limit, max_length, finetune_epochs, distill_epochs, tag, runs_dir, smoke) -> None:
     """One task's rows over its seeds, merged into its results table."""
-    preset = args.preset is not None
+    preset = args.preset is not None or args.as_preset
     data = DataConfig(
         task=task, data_dir=args.data_dir, train_limit=limit, max_length=max_length, doc_stride=args.doc_stride,
         eval_limit=smoke,
@@ -220,7 +275,7 @@ def run_job(p, args, task, seeds, limit, max_length, finetune_epochs, distill_ep
         "distill": vars_of(ds),
         "distill_weight": lam,
         "importance_samples": min(args.samples, smoke) if smoke else args.samples,
-        **({"preset": args.preset, "smoke": smoke} if preset else {}),
+        **({"preset": "paper", "smoke": smoke} if preset else {}),
     }
     command = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
     rows = {
