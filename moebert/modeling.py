@@ -496,7 +496,9 @@ class MoEBertModel(MoEBertPreTrainedModel):
         layout = TokenLayout(
             valid=attention_mask.reshape(-1),
             input_ids=input_ids.reshape(-1),
-            seq_index=torch.arange(B, device=input_ids.device).repeat_interleave(T),
+            seq_index=torch.arange(B, device=input_ids.device)[:, None]
+            .expand(B, T)
+            .reshape(-1),  # no repeat_interleave
             attention_mask=attention_mask,
             batch_size=B,
             padded=True,
