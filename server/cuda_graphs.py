@@ -155,6 +155,11 @@ class BucketedRunner:
             "×".join(map(str, self.buckets[-1])), "×".join(map(str, self.buckets[0])), time.perf_counter() - started,
         )  # fmt: skip
 
+    def replay_of(self, bucket: Bucket) -> tuple[tuple, Callable[[], None], dict]:
+        """(input buffers, replay, output tensors) of a captured bucket: for benchmarks that time the replay alone."""
+        captured = self._captured[bucket]
+        return captured.inputs, captured.replay, captured.outputs
+
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict | None:
         """→ {name: numpy array} for the batch's own rows and columns, or None when no bucket holds it."""
         torch = self._torch

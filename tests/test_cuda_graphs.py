@@ -216,3 +216,31 @@ def test_gpu_graph_replay_has_no_host_sync_and_matches_fp32(route, dtype):
         want = model_forward(reference)(*map(torch.from_numpy, arrays))
     np.testing.assert_allclose(got["logits"], want["logits"].numpy(), rtol=5e-2, atol=5e-2)
     np.testing.assert_array_equal(got["expert_counts"].sum(), 2 * (5 + 31 + 2))
+
+
+def test_e2e_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/bench_e2e_gpu.py --smoke: tiny shapes, eager, CPU; the table, JSON and ratios are written,
+    and the load benchmark's checkpoints load as server models."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_e2e_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_e2e_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prefix = tmp_path / "e2e"
+    args = ["--smoke", "--out", str(prefix), "--save-checkpoints", str(tmp_path / "ck"), "--checkpoint-shape", "tiny"]
+    assert bench.main(args) == 0
+    result = json.loads(prefix.with_suffix(".json").read_text())
+    assert [(r["model"], r["batch"]) for r in result["rows"]] == [
+        ("dense teacher", 1), ("dense teacher", 3), ("moebert torch", 1), ("moebert torch", 3)
+    ]  # fmt: skip
+    assert all(r["max_abs_err_vs_fp32"] < 1e-5 for r in result["rows"])  # fp32 vs its fp32 reference
+    assert [s["batch"] for s in result["ratios"]] == [1, 3]
+    assert "MoEBERT ÷ teacher throughput" in prefix.with_suffix(".md").read_text()
+    from moebert.loading import load_config, task_of
+
+    for name, moe in (("dense", False), ("moe", True)):
+        config = load_config(tmp_path / "ck" / name)
+        assert task_of(config) == "classification" and config.is_moe == moe
