@@ -157,16 +157,18 @@ def resolve_backend(path: str | Path, backend: str, precision: str, device: str)
     """("torch" | "onnx", "fp32" | "int8") for one model, after checking that the files this runtime
     needs are there (FileNotFoundError, saying what to do, if not). `auto` picks, on CPU, the model's
     int8 ONNX export, then its fp32 one, then torch: the fastest CPU runtime that was exported for it
-    (exporting with --quantize is where int8 is checked against fp32). On CUDA, auto is torch (Triton)."""
+    (exporting with --quantize is where int8 is checked against fp32). On CUDA, auto is torch (Triton) where the
+    folder has torch weights, else its ONNX export."""
     exported = [p for p in ONNX_FILES if onnx_file(path, p).is_file()]
-    if backend == "auto":
-        backend = "onnx" if exported and device == "cpu" else "torch"
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    has_weights = any((Path(path) / name).is_file() for name in weights)
+    if backend == "auto":  # on CUDA an export-only folder (a bundled model) still serves, through ONNX Runtime
+        backend = "onnx" if exported and (device == "cpu" or not has_weights) else "torch"
     if precision == "auto":
         precision = "int8" if backend == "onnx" and "int8" in exported else "fp32"
     if backend == "onnx" and precision not in exported:
         raise FileNotFoundError(_missing_export(path, precision))
-    weights = ("model.safetensors", "model.safetensors.index.json")
-    if backend == "torch" and not any((Path(path) / name).is_file() for name in weights):
+    if backend == "torch" and not has_weights:
         hint = "; it has an ONNX export: serve it with --backend onnx (or auto)" if exported else ""
         raise FileNotFoundError(f"{path} has no torch weights (model.safetensors){hint}")
     return backend, precision
