@@ -132,7 +132,7 @@ def bench_model(label, model, fp32_model, batches, seq_len, device, dtype, graph
                 ms["served"] = time_ms(lambda runner=runner, arrays=arrays: runner.run(*arrays), device, budget)
                 logits = torch.from_numpy(runner.run(*arrays)["logits"])
                 del runner
-            want = fp32_model(*[t.cpu() for t in on_device])["logits"] if fp32_model is not None else logits
+            want = fp32_model(*on_device)["logits"] if fp32_model is not None else logits
         spread = float(want.std()) or 1.0
         rows.append(dict(model=label, batch=batch, seq_len=seq_len, ms=ms,
                          tok_s={k: batch * seq_len / v * 1e3 for k, v in ms.items()},
@@ -145,8 +145,9 @@ def bench_model(label, model, fp32_model, batches, seq_len, device, dtype, graph
     return rows
 
 
-def fp32_reference(model):
-    """The fp32 eager forward on the CPU, packed layout, torch backend: the reference the 16-bit logits are held to."""
+def fp32_reference(model, device: torch.device):
+    """The fp32 eager forward (packed layout, grouped torch MoE backend, no TF32) on `device`: the reference
+    the 16-bit logits are held to. → forward(*tensors) → {name: CPU fp32 tensor}"""
     import copy
 
     ref = copy.deepcopy(model).float().eval()
@@ -154,7 +155,15 @@ def fp32_reference(model):
         ref.set_moe_backend("torch")
     ref.set_token_layout("packed")
     forward = forward_of(ref)
-    return lambda *t: {k: v.float() for k, v in forward(*t).items()}
+
+    def run(*tensors):
+        ref.to(device)
+        try:
+            return {k: v.float().cpu() for k, v in forward(*(t.to(device) for t in tensors)).items()}
+        finally:
+            ref.cpu()  # the GPU holds one model at a time
+
+    return run
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -204,9 +213,8 @@ def write(prefix: Path, meta: dict, rows: list[dict]) -> None:
     prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def save_checkpoints(directory: Path, shape: str) -> None:
-    """Random dense + MoEBERT classifiers of `shape` with the bundled tokenizer, for the GPU load benchmark."""
-    tokenizer_dir = REPO / "models" / "squad"
+def save_checkpoints(directory: Path, shape: str, tokenizer_dir: Path) -> None:
+    """Random dense + MoEBERT classifiers of `shape` with a BERT tokenizer, for the GPU load benchmark."""
     for name, moe in (("dense", False), ("moe", True)):
         out = directory / name
         build(shape, moe).save_pretrained(out)
@@ -223,14 +231,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 where supported, else fp16")
     p.add_argument("--budget", type=float, default=0.5, help="seconds of timed runs per model, batch and mode")
     p.add_argument("--no-graphs", action="store_true", help="eager only")
-    p.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 reference forward (CPU)")
+    p.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 reference forward")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, batch 1 and 3 × 16, CPU fp32: checks the script")
     p.add_argument("--save-checkpoints", metavar="DIR", help="also write dense/ and moe/ BERT-base classifiers there")
     p.add_argument("--checkpoint-shape", default="bert-base", choices=list(SHAPES), help="shape of those checkpoints")
+    p.add_argument("--tokenizer-dir", default=str(REPO / "models" / "squad"),
+                   help="where their tokenizer.json comes from (default: the bundled models/squad)")  # fmt: skip
     p.add_argument("--out", help="output prefix (default benchmarks/results/bench_e2e_gpu; smoke: a temp folder)")
     args = p.parse_args(argv)
     if args.save_checkpoints:
-        save_checkpoints(Path(args.save_checkpoints), args.checkpoint_shape)
+        save_checkpoints(Path(args.save_checkpoints), args.checkpoint_shape, Path(args.tokenizer_dir))
     cuda = torch.cuda.is_available() and not args.smoke
     if args.smoke:
         args.shapes, args.batches, args.seq_len, args.budget = ["tiny"], [1, 3], 16, 0.05
@@ -265,7 +275,7 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         for label, moe in (("dense teacher", False), ("moebert triton" if cuda else "moebert torch", True)):
             model = build(shape, moe)
-            reference = None if args.no_fp32_check else fp32_reference(model)
+            reference = None if args.no_fp32_check else fp32_reference(model, device)
             for row in bench_model(label, model, reference, args.batches, args.seq_len, device, DTYPES[dtype_name],
                                    cuda and not args.no_graphs, args.budget):  # fmt: skip
                 rows.append(dict(shape=shape, **row))

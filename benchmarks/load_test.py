@@ -256,6 +256,8 @@ def configurations(args) -> list[tuple[str, callable]]:
     print(f"server logs: {log_dir}", file=sys.stderr)
     threads = ["--threads", str(args.threads)] if args.threads else []
     device = ["--device", args.device] if args.device != "cpu" else []  # cuda: auto dtype, CUDA graphs
+    if args.max_seq_len:  # also bounds the CUDA-graph buckets captured at start-up
+        device += ["--max-seq-len", str(args.max_seq_len)]
     knobs = ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096"]
 
     def ours(name, path, backend_flags, task="classification"):
@@ -390,6 +392,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="this service's device (cuda: with --configs moebert-torch dense-torch)")  # fmt: skip
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="this service's batching wait")
+    p.add_argument("--max-seq-len", type=int, help="this service's tokens per row (default: the model's)")
     p.add_argument("--infinity-venv", default=os.environ.get("INFINITY_VENV", ".venv-infinity"))
     p.add_argument("--name", default="load_test", help="results file stem under benchmarks/results (default load_test)")
     p.add_argument("--naive-server", metavar="MODEL", help=argparse.SUPPRESS)
