@@ -742,6 +742,9 @@ def _time_ms(fn) -> tuple[float, str]:
     to eager timing where the launch cannot be captured. Raises when fn cannot run at all."""
     from triton import testing
 
+    # do_bench_cudagraph runs fn on a new stream that does not wait for the current one: finish the work that
+    # produces fn's inputs first (once per tuning key, never inside a capture, where nothing is tuned).
+    torch.cuda.synchronize()
     try:
         return testing.do_bench_cudagraph(fn, rep=20), "graph"
     except Exception:  # noqa: BLE001 - not capturable here: time it eagerly (which raises if it cannot run)

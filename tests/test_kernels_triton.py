@@ -272,6 +272,7 @@ def test_tuner_keeps_the_fastest_candidate_that_runs(monkeypatch, caplog):
 
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_do_bench_cudagraph)
     monkeypatch.setattr(triton.testing, "do_bench", eager_must_not_be_used)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(triton_moe, "_launch", lambda config, *args: launched.append(config))
     args = (torch.empty(5000, 768), None, None, None, None, torch.empty(4, 768, 768))
     with caplog.at_level("INFO", logger="kernels.triton_moe"):
@@ -299,6 +300,7 @@ def test_tuner_falls_back_to_eager_timing_where_capture_fails(monkeypatch, caplo
 
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_do_bench_cudagraph)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn() or 0.1)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(triton_moe, "_launch", lambda config, *args: launched.append(config))
     args = (torch.empty(100, 384), None, None, None, None, torch.empty(4, 384, 384))
     with caplog.at_level("INFO", logger="kernels.triton_moe"):
