@@ -6,7 +6,7 @@ transformers' BERT, so a stock BERT checkpoint loads as the dense teacher.
 
 Shapes: B batch, T sequence length, d hidden size, d_h dense FFN width, E experts, d_e expert width,
 N tokens the FFNs run on: the non-padding tokens of the batch (the packed layout, CPU default), or all
-B·T of them (the padded layout, CUDA default: no data-dependent shapes, so no host synchronisation and a
+B·T of them (the padded layout, the CUDA inference default: no data-dependent shapes, so no host synchronisation and a
 forward that a CUDA graph can capture; padding rows are computed and discarded).
 """
 
@@ -421,7 +421,8 @@ class MoEBertPreTrainedModel(PreTrainedModel):
     def set_token_layout(self, layout: str) -> None:
         """How the FFNs see a padded batch: `packed` (non-padding tokens only: least work, but boolean
         indexing and a host synchronisation), `padded` (every token: fixed shapes, no host synchronisation,
-        capturable in a CUDA graph) or `auto` (padded on CUDA, packed elsewhere). Outputs agree either way."""
+        capturable in a CUDA graph) or `auto` (padded for inference on CUDA, packed elsewhere and in training).
+        Outputs agree either way."""
         if layout not in TOKEN_LAYOUTS:
             raise ValueError(f"unknown token layout {layout!r}: expected one of {', '.join(TOKEN_LAYOUTS)}")
         for module in self.modules():
@@ -470,8 +471,8 @@ class MoEBertModel(MoEBertPreTrainedModel):
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         layout_mode = self.token_layout
-        if layout_mode == "auto":
-            layout_mode = "padded" if input_ids.device.type == "cuda" else "packed"
+        if layout_mode == "auto":  # training keeps packed: its grouped MoE backend synchronises anyway
+            layout_mode = "padded" if input_ids.device.type == "cuda" and not self.training else "packed"
         if layout_mode == "padded":
             layout, attn_mask = self._padded_layout(input_ids, attention_mask)
         else:
