@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, in one command on a CUDA machine (≈ 9 min on an H200; every step has its own time limit):
+# The GPU check, in one command on a CUDA machine (≤ 9.5 min on an H200: every step has its own time limit,
+# 200 + 150 + 100 + 100 s by default):
 #
 #   bash benchmarks/gpu_wheels.sh        # first, where pip reaches PyPI: the server's web stack into .whl/
 #   bash benchmarks/gpu_check.sh         # then on the GPU machine (carry .whl there)
@@ -71,12 +72,12 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $RESULTS/NAM
 }
 
 CKPT=$(mktemp -d /tmp/moebert-gpu-ckpt.XXXXXX)
-step gpu_tests "${GPU_TESTS_S:-180}" "${PYTEST[@]}" -m gpu tests/test_kernels_triton.py tests/test_cuda_graphs.py \
+step gpu_tests "${GPU_TESTS_S:-200}" "${PYTEST[@]}" -m gpu tests/test_cuda_graphs.py tests/test_kernels_triton.py \
   --junitxml="$RESULTS/gpu_tests.xml"
 step bench_e2e_gpu "${E2E_S:-150}" "$PY" benchmarks/bench_e2e_gpu.py --save-checkpoints "$CKPT"
 step bench_kernel_graph_tuned "${BENCH_S:-100}" "$PY" benchmarks/bench_kernel.py --dtypes bf16 --tokens 2048 4096 16384 \
   --max-ref 0 --no-e2e --out "$RESULTS/bench_kernel_graph_tuned"
-step load_test_gpu "${LOAD_S:-110}" "$PY" benchmarks/load_test.py --moe "$CKPT/moe" --dense "$CKPT/dense" \
+step load_test_gpu "${LOAD_S:-100}" "$PY" benchmarks/load_test.py --moe "$CKPT/moe" --dense "$CKPT/dense" \
   --configs moebert-torch dense-torch --device cuda --max-seq-len 128 --concurrency 64 --duration 10 \
   --name load_test_gpu
 step gpu_tests_rest "${REST_S:-0}" "${PYTEST[@]}" -m "not gpu" tests/test_kernels_triton.py \

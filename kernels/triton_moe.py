@@ -746,7 +746,7 @@ def _time_ms(fn) -> tuple[float, str]:
     # produces fn's inputs first (once per tuning key, never inside a capture, where nothing is tuned).
     torch.cuda.synchronize()
     try:
-        return testing.do_bench_cudagraph(fn, rep=20), "graph"
+        return testing.do_bench_cudagraph(fn, rep=10), "graph"
     except Exception:  # noqa: BLE001 - not capturable here: time it eagerly (which raises if it cannot run)
         return testing.do_bench(fn, warmup=5, rep=25), "eager"
 
