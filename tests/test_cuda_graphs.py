@@ -202,13 +202,13 @@ def test_gpu_graph_replay_has_no_host_sync_and_matches_fp32(route, dtype):
     padded = pad_to_bucket(*arrays, bucket, 0)
     for buffer, array in zip(captured.inputs, padded, strict=True):
         buffer.copy_(torch.from_numpy(array))
+    captured.replay()  # a capture fails on any synchronising op, so the graph itself is sync-free
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        captured.replay()  # the graph itself
-        with torch.inference_mode():
+        with torch.inference_mode():  # and the forward it captured, run eagerly: no synchronising op either
             model.set_token_layout("padded")
-            forward(*captured.inputs)  # and the eager padded forward: no synchronising op either
+            forward(*captured.inputs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     got = runner.run(*arrays)
