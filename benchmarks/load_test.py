@@ -43,7 +43,16 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def sst2_sentences(limit: int | None = None) -> list[str]:
-    with open(DATA / "glue" / "SST-2" / "dev.tsv", newline="") as f:
+    """SST-2 dev sentences; where the task data is not there (a GPU machine), seeded sentences of SST-2-like
+    length (5-40 words) from a fixed vocabulary, said on stderr."""
+    path = DATA / "glue" / "SST-2" / "dev.tsv"
+    if not path.is_file():
+        print(f"no {path}: sending synthetic sentences of 5-40 words", file=sys.stderr)
+        rng = random.Random(0)
+        words = ["the", "film", "is", "a", "charming", "witty", "bleak", "movie", "whose", "plot", "and",
+                 "characters", "never", "come", "alive", "but", "often", "move"]  # fmt: skip
+        return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) for _ in range(limit or 872)]
+    with open(path, newline="") as f:
         rows = [r["sentence"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
     return rows[:limit] if limit else rows
 
@@ -246,11 +255,14 @@ def configurations(args) -> list[tuple[str, callable]]:
     log_dir = Path(tempfile.mkdtemp(prefix="moebert-load-test-"))  # server logs: kept out of the repository
     print(f"server logs: {log_dir}", file=sys.stderr)
     threads = ["--threads", str(args.threads)] if args.threads else []
+    device = ["--device", args.device] if args.device != "cpu" else []  # cuda: auto dtype, CUDA graphs
+    if args.max_seq_len:  # also bounds the CUDA-graph buckets captured at start-up
+        device += ["--max-seq-len", str(args.max_seq_len)]
     knobs = ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096"]
 
     def ours(name, path, backend_flags, task="classification"):
         def start():
-            proc = start_moebert(name, {"m": path}, [*backend_flags, *threads, *knobs], log_dir)
+            proc = start_moebert(name, {"m": path}, [*backend_flags, *device, *threads, *knobs], log_dir)
             body = classify_body("m") if task == "classification" else qa_body("m")
             return proc, Target(name, proc.url, "/v1/classify" if task == "classification" else "/v1/qa", body)
 
@@ -377,7 +389,10 @@ def main(argv=None) -> int:
     p.add_argument("--qa-rates", type=float, nargs="*", default=[], help="open-loop rates for the QA configuration")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default 20)")
     p.add_argument("--threads", type=int, default=1, help="inference threads of each server (default 1)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="this service's device (cuda: with --configs moebert-torch dense-torch)")  # fmt: skip
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="this service's batching wait")
+    p.add_argument("--max-seq-len", type=int, help="this service's tokens per row (default: the model's)")
     p.add_argument("--infinity-venv", default=os.environ.get("INFINITY_VENV", ".venv-infinity"))
     p.add_argument("--name", default="load_test", help="results file stem under benchmarks/results (default load_test)")
     p.add_argument("--naive-server", metavar="MODEL", help=argparse.SUPPRESS)

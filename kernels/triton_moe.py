@@ -36,8 +36,9 @@ whole layer can be captured in a CUDA graph):
     once, the fp32 row once) is small next to 2 · T · d · d_e · 2 FLOPs once T is in the thousands.
 
 Block sizes come from a small per-shape table (`candidate_configs`); on CUDA the first call per
-(d, d_e, E, dtype, T bucket) times the candidates and keeps the fastest (`MOEBERT_TRITON_TUNE=0`: table only;
-inside a CUDA-graph capture the choice already made is used, and nothing is timed).
+(d, d_e, E, dtype, T bucket) times the candidates as CUDA-graph replays and keeps the fastest
+(`MOEBERT_TRITON_TUNE=0`: table only; inside a CUDA-graph capture the choice already made is used, and
+nothing is timed).
 Accumulation is fp32 throughout; fp32 inputs use exact ("ieee") dots, not TF32, since fp32 is for checks.
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU) the same kernels run for the tests.
 """
@@ -573,7 +574,9 @@ def candidate_configs(T: int, d: int, d_e: int, num_experts: int) -> list[FFNCon
 
     Few tokens: 16-row blocks and the d_e range split over many programs, so all SMs stream the weights.
     Many tokens: the largest row block whose full-row fp32 accumulator (block_m × d) still fits in registers
-    (≈ 96-192 registers a thread), fused epilogue, no split.
+    (≈ 96-192 registers a thread), fused epilogue, no split; and the two-pass grouped GEMMs.
+    1024 < T ≤ 4096 adds smaller tiles and a 4-way d_e split (split-K of GEMM 2): with ~1k rows per expert,
+    128-row tiles make too few programs to fill the SMs of a large GPU.
     """
     acc_floats_per_thread = lambda block_m, warps: block_m * n_tiling(d)[0] * n_tiling(d)[1] // (32 * warps)
     chunks_32 = triton.cdiv(d_e, 32)
@@ -597,6 +600,15 @@ def candidate_configs(T: int, d: int, d_e: int, num_experts: int) -> list[FFNCon
             configs.insert(0, FFNConfig(16, 64, 32, split_e=16, num_warps=4, num_stages=3))
         configs.append(FFNConfig(64, 64, 64, num_warps=4, num_stages=4, two_pass=True))
         return configs
+    if T <= 4096:  # ~1k rows per expert: 128-row tiles leave SMs idle, so smaller tiles and split d_e (split-K)
+        mid_configs = [
+            FFNConfig(64, 64, 32, split_e=4, num_warps=8, num_stages=3),
+            FFNConfig(32, 64, 32, split_e=4, num_warps=4, num_stages=3),
+            FFNConfig(64, 64, 64, num_warps=4, num_stages=4, two_pass=True),
+            FFNConfig(32, 64, 64, num_warps=4, num_stages=4, two_pass=True),
+        ]
+    else:
+        mid_configs = []
     configs = [
         FFNConfig(64, 64, 32, num_warps=8, num_stages=3),
         FFNConfig(64, 64, 64, num_warps=8, num_stages=2),
@@ -607,6 +619,7 @@ def candidate_configs(T: int, d: int, d_e: int, num_experts: int) -> list[FFNCon
         FFNConfig(128, 64, 128, num_warps=8, num_stages=4, two_pass=True),
         FFNConfig(64, 64, 128, num_warps=4, num_stages=4, two_pass=True),
         FFNConfig(128, 64, 256, num_warps=8, num_stages=3, two_pass=True),
+        *mid_configs,
     ]
     if acc_floats_per_thread(128, 8) <= 128:  # d ≤ 512 (MiniLM): twice the rows per weight load
         configs.insert(0, FFNConfig(128, 64, 32, num_warps=8, num_stages=3))
@@ -723,23 +736,38 @@ def _moe_ffn(x, expert_ids, input_ids, hash_table, fc1_weight, fc1_bias, fc2_wei
     return out, expert_ids
 
 
+def _time_ms(fn) -> tuple[float, str]:
+    """(ms per call, how it was timed) of fn: as a CUDA-graph replay, the way a server that captures graphs runs
+    it (eager timing at small T measures the host's launch overhead and chooses by its noise), falling back
+    to eager timing where the launch cannot be captured. Raises when fn cannot run at all."""
+    from triton import testing
+
+    # do_bench_cudagraph runs fn on a new stream that does not wait for the current one: finish the work that
+    # produces fn's inputs first (once per tuning key, never inside a capture, where nothing is tuned).
+    torch.cuda.synchronize()
+    try:
+        return testing.do_bench_cudagraph(fn, rep=10), "graph"
+    except Exception:  # noqa: BLE001 - not capturable here: time it eagerly (which raises if it cannot run)
+        return testing.do_bench(fn, warmup=5, rep=25), "eager"
+
+
 def _tune(candidates: list[FFNConfig], args: tuple) -> FFNConfig:
     """The fastest candidate on these very inputs (the kernels are pure: rerunning them is harmless)."""
-    from triton.testing import do_bench
-
-    timings = {}
+    timings, modes = {}, set()
     for config in candidates:
         try:
-            timings[config] = do_bench(lambda config=config: _launch(config, *args), warmup=5, rep=25)
+            timings[config], mode = _time_ms(lambda config=config: _launch(config, *args))
         except Exception:  # noqa: BLE001 - e.g. out of shared memory for this shape: not a candidate
             continue
+        modes.add(mode)
     if not timings:
         raise RuntimeError("no Triton MoE FFN configuration could run on this device")
     best = min(timings, key=timings.get)
     x, fc1_weight = args[0], args[5]
     logger.info(
-        "tuned the Triton MoE FFN for T=%d, [E, d, d_e]=%s, %s: %s (of %s)", x.shape[0], list(fc1_weight.shape),
-        x.dtype, best.short(), ", ".join(f"{c.short()} {ms * 1e3:.0f}µs" for c, ms in timings.items()),
+        "tuned the Triton MoE FFN for T=%d, [E, d, d_e]=%s, %s, timed as %s: %s (of %s)", x.shape[0],
+        list(fc1_weight.shape), x.dtype, "/".join(sorted(modes)), best.short(),
+        ", ".join(f"{c.short()} {ms * 1e3:.0f}µs" for c, ms in timings.items()),
     )  # fmt: skip
     return best
 

@@ -27,12 +27,35 @@ class Backend(Protocol):
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict: ...
 
 
+def torch_dtype(name: str, device: str):
+    """The torch dtype for a `dtype` setting: auto is bfloat16 on a GPU that has it (float16 on older ones)
+    and float32 on the CPU."""
+    import torch
+
+    if name == "auto":
+        if device != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
 class TorchBackend:
-    """The model as trained: grouped experts on CPU, the Triton kernel on CUDA when installed."""
+    """The model as trained: grouped experts on CPU, the Triton kernel on CUDA when installed.
+
+    Weights are converted to `dtype` once, at load. On CUDA the model runs its padded token layout (no host
+    synchronisation) and, with `graph_buckets`, every batch is a CUDA-graph replay of the bucket that holds
+    it (server.cuda_graphs; captured here, at start-up); a batch no bucket holds runs eagerly."""
 
     name = "torch"
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        dtype: str = "auto",
+        graph_buckets: list[tuple[int, int]] | None = None,
+    ):
         import torch
 
         from moebert.loading import load_model
@@ -43,23 +66,43 @@ class TorchBackend:
             torch.set_num_threads(threads)
         self._torch = torch
         self.device = torch.device(device)
-        self.model = load_model(path).to(self.device).eval()
+        self.dtype = torch_dtype(dtype, device)
+        self.model = load_model(path, dtype=self.dtype).to(self.device).eval()
         self.is_moe = bool(self.model.config.moe_layers)
+        self.graphs = None
+        if graph_buckets and self.device.type == "cuda":
+            from server.cuda_graphs import BucketedRunner
+
+            pad_id = self.model.config.pad_token_id or 0
+            self.graphs = BucketedRunner(self.forward, graph_buckets, pad_id, self.device, graphs=True)
+            self.graphs.capture()
+
+    def forward(self, input_ids, attention_mask, token_type_ids) -> dict:
+        """Device tensors [B, T] → {name: device tensor}: logits (or start/end logits), expert_counts."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            output_expert_counts=self.is_moe,
+        )  # fmt: skip
+        names = ("logits",) if getattr(out, "logits", None) is not None else ("start_logits", "end_logits")
+        result = {name: getattr(out, name) for name in names}
+        if out.expert_counts is not None:
+            result["expert_counts"] = out.expert_counts
+        return result
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict:
         torch = self._torch
+        if self.graphs is not None:
+            replayed = self.graphs.run(input_ids, attention_mask, token_type_ids)
+            if replayed is not None:
+                return replayed
         with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.from_numpy(input_ids).to(self.device),
-                attention_mask=torch.from_numpy(attention_mask).to(self.device),
-                token_type_ids=torch.from_numpy(token_type_ids).to(self.device),
-                output_expert_counts=self.is_moe,
+            out = self.forward(
+                *(torch.from_numpy(a).to(self.device) for a in (input_ids, attention_mask, token_type_ids))
             )
-        names = ("logits",) if getattr(out, "logits", None) is not None else ("start_logits", "end_logits")
-        result = {name: getattr(out, name).float().cpu().numpy() for name in names}
-        if out.expert_counts is not None:
-            result["expert_counts"] = out.expert_counts.cpu().numpy()
-        return result
+        return {
+            name: value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+            for name, value in out.items()
+        }
 
 
 def onnx_file(path: str | Path, precision: str = "fp32") -> Path:
@@ -114,23 +157,29 @@ def resolve_backend(path: str | Path, backend: str, precision: str, device: str)
     """("torch" | "onnx", "fp32" | "int8") for one model, after checking that the files this runtime
     needs are there (FileNotFoundError, saying what to do, if not). `auto` picks, on CPU, the model's
     int8 ONNX export, then its fp32 one, then torch: the fastest CPU runtime that was exported for it
-    (exporting with --quantize is where int8 is checked against fp32). On CUDA, auto is torch (Triton)."""
+    (exporting with --quantize is where int8 is checked against fp32). On CUDA, auto is torch (Triton) where the
+    folder has torch weights, else its ONNX export."""
     exported = [p for p in ONNX_FILES if onnx_file(path, p).is_file()]
-    if backend == "auto":
-        backend = "onnx" if exported and device == "cpu" else "torch"
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    has_weights = any((Path(path) / name).is_file() for name in weights)
+    if backend == "auto":  # on CUDA an export-only folder (a bundled model) still serves, through ONNX Runtime
+        backend = "onnx" if exported and (device == "cpu" or not has_weights) else "torch"
     if precision == "auto":
         precision = "int8" if backend == "onnx" and "int8" in exported else "fp32"
     if backend == "onnx" and precision not in exported:
         raise FileNotFoundError(_missing_export(path, precision))
-    weights = ("model.safetensors", "model.safetensors.index.json")
-    if backend == "torch" and not any((Path(path) / name).is_file() for name in weights):
+    if backend == "torch" and not has_weights:
         hint = "; it has an ONNX export: serve it with --backend onnx (or auto)" if exported else ""
         raise FileNotFoundError(f"{path} has no torch weights (model.safetensors){hint}")
     return backend, precision
 
 
-def make_backend(path: str, backend: str, precision: str, device: str, threads: int | None) -> Backend:
+def make_backend(
+    path: str, backend: str, precision: str, device: str, threads: int | None, dtype: str = "auto",
+    graph_buckets: list[tuple[int, int]] | None = None,
+) -> Backend:  # fmt: skip
+    """dtype and graph_buckets (CUDA graphs) apply to the torch backend."""
     backend, precision = resolve_backend(path, backend, precision, device)
     if backend == "onnx":
         return OnnxBackend(path, precision, device, threads)
-    return TorchBackend(path, device, threads)
+    return TorchBackend(path, device, threads, dtype, graph_buckets)

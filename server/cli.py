@@ -20,6 +20,22 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
         {"choices": ["auto", "fp32", "int8"], "help": "onnx backend: auto (default: int8 when exported), fp32, int8"},
     ),
     ("--device", {"choices": ["cpu", "cuda"], "help": "cpu (default) or cuda"}),
+    (
+        "--dtype",
+        {
+            "choices": ["auto", "float32", "float16", "bfloat16"],
+            "help": "torch backend weights/compute (default auto: bfloat16 on GPUs that have it, else float16; "
+            "float32 on CPU)",
+        },
+    ),
+    (
+        "--cuda-graphs",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "torch backend on CUDA: one CUDA graph per (rows, tokens) bucket, captured at start-up "
+            "(default on; --no-cuda-graphs: eager)",
+        },
+    ),
     ("--threads", {"type": int, "help": "intra-op threads (default: all cores)"}),
     ("--host", {"help": "address to listen on (default 127.0.0.1; 0.0.0.0 in a container)"}),
     ("--port", {"type": int, "help": "port (default 8000)"}),

@@ -100,7 +100,14 @@ def load_served_model(name: str, path: str, settings: ServerSettings) -> ServedM
         raise ValueError(f"model {name!r}: the server needs a fast tokenizer (tokenizer.json) in {path}")
     limit = min(int(config.max_position_embeddings), int(getattr(tokenizer, "model_max_length", 1 << 30)))
     max_seq_len = min(limit, settings.max_seq_len or limit)
-    backend = make_backend(path, settings.backend, settings.onnx_precision, settings.device, settings.threads)
+    buckets = None
+    if settings.device == "cuda" and settings.cuda_graphs:
+        from server.cuda_graphs import graph_buckets
+
+        buckets = graph_buckets(settings.max_batch_requests, settings.max_batch_tokens, max_seq_len)
+    backend = make_backend(
+        path, settings.backend, settings.onnx_precision, settings.device, settings.threads, settings.dtype, buckets
+    )
     log.info("loaded %s: %s (%s, %s backend, max %d tokens)", name, path, task, backend.name, max_seq_len)
     return ServedModel(name, path, task, config, tokenizer, backend, max_seq_len)
 

@@ -62,6 +62,16 @@ class ServerSettings(OperationsSettings):
         "auto", description="onnx backend: which export to run (auto: int8 when exported, else fp32)"
     )
     device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="torch backend: weights and compute, converted once at load (auto: bfloat16 on GPUs that "
+        "have it, else float16; float32 on CPU)",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="torch backend on CUDA: capture one CUDA graph per (rows, tokens) bucket at start-up and "
+        "replay it for every batch (false: eager)",
+    )
     threads: int | None = Field(None, ge=1, le=256, description="intra-op threads (default: all cores)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -100,4 +110,9 @@ class ServerSettings(OperationsSettings):
         bad = [name for name in self.models if not name.replace("-", "").replace("_", "").replace(".", "").isalnum()]
         if bad:
             raise ValueError(f"model names may use letters, digits, '-', '_' and '.': {bad}")
+        if self.dtype not in ("auto", "float32"):
+            if self.backend == "onnx":
+                raise ValueError(f"dtype {self.dtype} is for the torch backend; onnx runs its export's precision")
+            if self.device == "cpu" and self.dtype == "float16":
+                raise ValueError("dtype float16 needs device cuda (CPU matmuls have no fast float16 path)")
         return self

@@ -25,6 +25,7 @@ def folder(tmp_path, *files):
         (["model.safetensors", "onnx/model.int8.onnx"], "torch", "auto", "cpu", ("torch", "fp32")),
         (["model.safetensors", "onnx/model.onnx", "onnx/model.int8.onnx"], "onnx", "fp32", "cpu", ("onnx", "fp32")),
         (["model.safetensors", "onnx/model.int8.onnx"], "auto", "auto", "cuda", ("torch", "fp32")),  # Triton
+        (["onnx/model.int8.onnx"], "auto", "auto", "cuda", ("onnx", "int8")),  # export-only: ORT, even on CUDA
     ],
 )
 def test_choice(tmp_path, files, backend, precision, device, want):

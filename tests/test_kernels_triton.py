@@ -260,26 +260,82 @@ def test_tuner_keeps_the_fastest_candidate_that_runs(monkeypatch, caplog):
     fake_ms[candidates[0]] = None  # fails to run
     launched = []
 
-    def fake_do_bench(fn, warmup, rep):
+    def fake_do_bench_cudagraph(fn, rep):
         fn()
         if fake_ms[launched[-1]] is None:
             raise RuntimeError("out of resources")
         return fake_ms[launched[-1]]
 
-    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    def eager_must_not_be_used(fn, warmup, rep):
+        fn()
+        raise RuntimeError("out of resources")  # a candidate that cannot run fails either way
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_do_bench_cudagraph)
+    monkeypatch.setattr(triton.testing, "do_bench", eager_must_not_be_used)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(triton_moe, "_launch", lambda config, *args: launched.append(config))
     args = (torch.empty(5000, 768), None, None, None, None, torch.empty(4, 768, 768))
     with caplog.at_level("INFO", logger="kernels.triton_moe"):
         assert triton_moe._tune(candidates, args) == candidates[-1]
     assert candidates[-1].two_pass and "two-pass 128x64x256 w8 s3 500µs" in caplog.text
+    assert "timed as graph:" in caplog.text
     assert candidates[0].short() not in caplog.text.split("(of")[1]  # the failed one has no time
 
 
+def test_tuner_falls_back_to_eager_timing_where_capture_fails(monkeypatch, caplog):
+    """A candidate whose launch cannot be captured (no CUDA graphs here) is timed eagerly, not dropped."""
+    import triton.testing
+
+    import kernels.triton_moe as triton_moe
+
+    candidates = candidate_configs(100, 384, 384, 4)[:3]
+    graph_ms = {candidates[0]: 0.2, candidates[1]: None, candidates[2]: 0.3}  # None: capture fails
+    launched = []
+
+    def fake_do_bench_cudagraph(fn, rep):
+        fn()
+        if graph_ms[launched[-1]] is None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return graph_ms[launched[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_do_bench_cudagraph)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn() or 0.1)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(triton_moe, "_launch", lambda config, *args: launched.append(config))
+    args = (torch.empty(100, 384), None, None, None, None, torch.empty(4, 384, 384))
+    with caplog.at_level("INFO", logger="kernels.triton_moe"):
+        assert triton_moe._tune(candidates, args) == candidates[1]  # its eager 100 µs beat the replays
+    assert "timed as eager/graph:" in caplog.text
+
+
+MID_T_CANDIDATES = [c for c in candidate_configs(3000, 48, 40, 3) if c not in candidate_configs(5000, 48, 40, 3)]
+
+
+@pytest.mark.parametrize(
+    ("config", "routing", "dtype"),
+    zip(
+        MID_T_CANDIDATES,
+        ["empty-expert", "gated", "gated", "empty-expert"],
+        ["fp32", "fp16", "fp32", "fp16"],
+        strict=True,
+    ),
+    ids=lambda v: v.short().replace(" ", "-") if isinstance(v, FFNConfig) else v,
+)
+def test_mid_token_count_candidates_match_reference(config, routing, dtype):
+    """The smaller-tile and split-d_e (split-K) candidates the table adds for 1024 < T ≤ 4096, on awkward sizes
+    (launch parameters do not depend on T, so a smaller T keeps the interpreter fast): T = 203, d = 40 and
+    d_e = 100 divide no tile (4 splits of d_e, the last one ragged), 3 experts, one empty or a gate scale."""
+    assert len(MID_T_CANDIDATES) == 4
+    check_against_reference(203, 40, 100, 3, routing, DTYPES[dtype], True, config, seed=11)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
 @pytest.mark.parametrize("route", ["hash-random", "gate-token", "gate-sentence"])
-def test_model_logits_triton_equal_torch(route, tiny_cls_dir, padded_batch, tmp_path, monkeypatch):
+def test_model_logits_triton_equal_torch(route, layout, tiny_cls_dir, padded_batch, tmp_path, monkeypatch):
     """Whole MoEBERT (3 MoE layers, d = 36, 4 experts of 21, padding): the triton backend's logits and
-    expert counts equal the grouped torch backend's. Hash routing goes through the in-kernel table lookup,
-    gated routing through expert ids from the model's gate."""
+    expert counts equal the grouped torch backend's (packed layout). Hash routing goes through the in-kernel
+    table lookup, gated routing through expert ids from the model's gate; the padded layout (the CUDA path)
+    also routes the padding tokens through the kernel and drops their results."""
     import kernels.triton_moe as triton_moe
     from moebert.convert import ConvertConfig, convert
     from moebert.loading import load_model
@@ -297,6 +353,7 @@ def test_model_logits_triton_equal_torch(route, tiny_cls_dir, padded_batch, tmp_
     results = {}
     for backend in ("torch", "triton"):
         model.set_moe_backend(backend)
+        model.set_token_layout(layout if backend == "triton" else "packed")
         with torch.no_grad():
             results[backend] = model(**batch, output_expert_counts=True)
     assert calls == ["moe_ffn_triton_hashed" if route == "hash-random" else "moe_ffn_triton"] * 3  # one per layer
