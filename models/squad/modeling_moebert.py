@@ -7,7 +7,9 @@ MoE FFN) → heads. With `config.moe_layers == []` it is exactly BERT, and param
 transformers' BERT, so a stock BERT checkpoint loads as the dense teacher.
 
 Shapes: B batch, T sequence length, d hidden size, d_h dense FFN width, E experts, d_e expert width,
-N number of non-padding tokens in the batch (the FFNs only run on those).
+N tokens the FFNs run on: the non-padding tokens of the batch (the packed layout, CPU default), or all
+B·T of them (the padded layout, the CUDA inference default: no data-dependent shapes, so no host synchronisation and a
+forward that a CUDA graph can capture; padding rows are computed and discarded).
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ class MoEBertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout_p = config.attention_probs_dropout_prob
+        self.attention_dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, d], attn_mask [B, 1, 1, T] bool (True = attend) or None → context [B, T, d]"""
@@ -212,7 +214,7 @@ class MoEBertSelfAttention(nn.Module):
             proj(x).view(B, T, self.num_heads, -1).transpose(1, 2) for proj in (self.query, self.key, self.value)
         )
         ctx = F.scaled_dot_product_attention(  # [B, heads, T, d/heads]
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout_p if self.training else 0.0
         )
         return ctx.transpose(1, 2).reshape(B, T, d)
 
@@ -252,11 +254,18 @@ class MoEBertIntermediate(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
 
+TOKEN_LAYOUTS = ("auto", "packed", "padded")
+
+
 @dataclass
 class TokenLayout:
     """Where the non-padding tokens of a batch are, computed once per forward and shared by all layers.
 
-    valid [B*T] bool or None (None: no padding); input_ids [N]; seq_index [N] (batch row of each token);
+    Packed (padded=False): valid [B*T] bool or None (None: no padding); input_ids [N]; seq_index [N] (batch
+    row of each token); the FFNs see only the N non-padding tokens.
+    Padded (padded=True): N = B*T, valid [B*T] bool always given (the weight of each token in pooling,
+    balance loss and expert counts); the FFNs see every token and the layer keeps the attention output at
+    padding, as the packed layout does.
     attention_mask [B, T] bool.
     """
 
@@ -265,6 +274,11 @@ class TokenLayout:
     seq_index: torch.Tensor
     attention_mask: torch.Tensor
     batch_size: int
+    padded: bool = False
+
+    def token_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """[N] 1 for a real token, 0 for padding (padded layout); None when every one of the N is real."""
+        return self.valid.to(dtype) if self.padded else None
 
 
 @dataclass
@@ -295,11 +309,23 @@ class HashRouter(nn.Module):
         return Routing(self.table[layout.input_ids])
 
 
-def switch_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer balance loss N · Σ_i P_i f_i; probs [n, E] fp32, expert_ids [n]."""
+def switch_balance_loss(
+    probs: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer balance loss N · Σ_i P_i f_i; probs [n, E] fp32, expert_ids [n]; weight [n] 0/1
+    (padded layout: only weighted rows count, computed without a host synchronisation)."""
     num_experts = probs.shape[-1]
-    fraction = torch.bincount(expert_ids, minlength=num_experts).to(probs.dtype) / max(expert_ids.numel(), 1)
-    return num_experts * (probs.mean(0) * fraction).sum()
+    if weight is None:
+        fraction = torch.bincount(expert_ids, minlength=num_experts).to(probs.dtype) / max(expert_ids.numel(), 1)
+        return num_experts * (probs.mean(0) * fraction).sum()
+    total = weight.sum().clamp(min=1)
+    fraction = expert_histogram(expert_ids, num_experts, weight.to(probs.dtype)) / total
+    return num_experts * ((probs * weight.unsqueeze(-1)).sum(0) / total * fraction).sum()
+
+
+def expert_histogram(expert_ids: torch.Tensor, num_experts: int, weight: torch.Tensor) -> torch.Tensor:
+    """[E] Σ weight per expert: a scatter-add, which (unlike CUDA bincount) never asks the host for the max."""
+    return weight.new_zeros(num_experts).scatter_add_(0, expert_ids, weight)
 
 
 class TokenGate(nn.Module):
@@ -312,7 +338,7 @@ class TokenGate(nn.Module):
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> Routing:
         probs = self.gate(x).float().softmax(-1)  # [N, E]
         scale, expert_ids = probs.max(-1)
-        return Routing(expert_ids, scale, switch_balance_loss(probs, expert_ids))
+        return Routing(expert_ids, scale, switch_balance_loss(probs, expert_ids, layout.token_weight(probs.dtype)))
 
 
 class SentenceGate(nn.Module):
@@ -326,8 +352,13 @@ class SentenceGate(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> Routing:
         B = layout.batch_size
-        summed = x.new_zeros(B, x.shape[-1]).index_add(0, layout.seq_index, x)  # [B, d]
-        counts = torch.bincount(layout.seq_index, minlength=B).clamp(min=1).unsqueeze(-1)
+        if layout.padded:  # padding weighs 0; no bincount (a host synchronisation on CUDA)
+            weight = layout.token_weight(x.dtype)
+            summed = (x.view(B, -1, x.shape[-1]) * weight.view(B, -1, 1)).sum(1)  # [B, d]
+            counts = weight.view(B, -1).sum(1).clamp(min=1).unsqueeze(-1)
+        else:
+            summed = x.new_zeros(B, x.shape[-1]).index_add(0, layout.seq_index, x)  # [B, d]
+            counts = torch.bincount(layout.seq_index, minlength=B).clamp(min=1).unsqueeze(-1)
         probs = self.gate(summed / counts).float().softmax(-1)  # [B, E]
         scale, seq_expert = probs.max(-1)
         return Routing(seq_expert[layout.seq_index], scale[layout.seq_index], switch_balance_loss(probs, seq_expert))
@@ -362,7 +393,7 @@ class MoEFFN(nn.Module):
         self.register_buffer("kept_neurons", torch.full((E, d_e), -1, dtype=torch.long))
         self.router = make_router(config, layer_idx)
         self.eps = config.layer_norm_eps
-        self.dropout_p = config.expert_dropout
+        self.expert_dropout_p = config.expert_dropout
         self.backend = config.moe_backend
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, Routing]:
@@ -383,7 +414,7 @@ class MoEFFN(nn.Module):
         routing = self.router(x, layout)
         y = moe_ffn(
             x, routing.expert_ids, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
-            self.ln_weight, self.ln_bias, routing.scale, self.eps, self.dropout_p, self.training, self.backend,
+            self.ln_weight, self.ln_bias, routing.scale, self.eps, self.expert_dropout_p, self.training, self.backend,
         )  # fmt: skip
         return y, routing
 
@@ -406,17 +437,21 @@ class MoEBertLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, layout: TokenLayout
     ) -> tuple[torch.Tensor, Routing | None]:
-        """x [B, T, d] → [B, T, d]; the FFN runs on non-padding tokens only (padding keeps the attention output)."""
+        """x [B, T, d] → [B, T, d]; padding keeps the attention output (packed layout: the FFN runs on
+        non-padding tokens only; padded layout: on all, and padding's results are dropped by a select)."""
         B, T, d = x.shape
         attn_out = self.attention(x, attn_mask).reshape(B * T, d)
-        tokens = attn_out if layout.valid is None else attn_out[layout.valid]  # [N, d]
+        packed = layout.valid is not None and not layout.padded
+        tokens = attn_out[layout.valid] if packed else attn_out  # [N, d]
         routing = None
         if self.moe is None:
             y = self.output(F.gelu(self.intermediate.dense(tokens)), tokens)
         else:
             y, routing = self.moe(tokens, layout)
-        if layout.valid is not None:
+        if packed:
             y = attn_out.masked_scatter(layout.valid.unsqueeze(-1), y)
+        elif layout.padded:
+            y = torch.where(layout.valid.unsqueeze(-1), y, attn_out)
         return y.view(B, T, d), routing
 
 
@@ -436,7 +471,11 @@ class MoEBertEncoder(nn.Module):
                 if routing.aux_loss is not None:
                     aux_losses.append(routing.aux_loss)
                 if output_expert_counts:
-                    counts.append(torch.bincount(routing.expert_ids, minlength=layer.moe.fc1_weight.shape[0]))
+                    num_experts = layer.moe.fc1_weight.shape[0]
+                    if layout.padded:
+                        counts.append(expert_histogram(routing.expert_ids, num_experts, layout.valid.long()))
+                    else:
+                        counts.append(torch.bincount(routing.expert_ids, minlength=num_experts))
         aux = torch.stack(aux_losses).sum() if aux_losses else None
         return x, hidden_states, aux, (torch.stack(counts) if counts else None)
 
@@ -491,6 +530,17 @@ class MoEBertPreTrainedModel(PreTrainedModel):
         # Loaded as remote code, the class is registered for its auto class: transformers itself
         # copies this file next to the weights and writes auto_map.
 
+    def set_token_layout(self, layout: str) -> None:
+        """How the FFNs see a padded batch: `packed` (non-padding tokens only: least work, but boolean
+        indexing and a host synchronisation), `padded` (every token: fixed shapes, no host synchronisation,
+        capturable in a CUDA graph) or `auto` (padded for inference on CUDA, packed elsewhere and in training).
+        Outputs agree either way."""
+        if layout not in TOKEN_LAYOUTS:
+            raise ValueError(f"unknown token layout {layout!r}: expected one of {', '.join(TOKEN_LAYOUTS)}")
+        for module in self.modules():
+            if isinstance(module, MoEBertModel):
+                module.token_layout = layout
+
     def set_moe_backend(self, backend: str | None) -> None:
         """Switch every MoE layer to `reference`, `torch`, `triton` or None (auto)."""
         if backend is not None and backend not in BACKENDS:
@@ -507,6 +557,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
         self.embeddings = MoEBertEmbeddings(config)
         self.encoder = MoEBertEncoder(config)
         self.pooler = MoEBertPooler(config) if add_pooling_layer else None
+        self.token_layout = "auto"  # see set_token_layout
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -529,6 +580,47 @@ class MoEBertModel(MoEBertPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
+        layout_mode = self.token_layout
+        if layout_mode == "auto":  # training keeps packed: its grouped MoE backend synchronises anyway
+            layout_mode = "padded" if input_ids.device.type == "cuda" and not self.training else "packed"
+        if layout_mode == "padded":
+            layout, attn_mask = self._padded_layout(input_ids, attention_mask)
+        else:
+            layout, attn_mask = self._packed_layout(input_ids, attention_mask)
+        x = self.embeddings(input_ids, token_type_ids)
+        x, hidden_states, aux, counts = self.encoder(x, attn_mask, layout, output_hidden_states, output_expert_counts)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return MoEBertModelOutput(
+            last_hidden_state=x,
+            pooler_output=pooled,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            router_aux_loss=aux,
+            expert_counts=counts,
+        )
+
+    @staticmethod
+    def _padded_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Every token goes through the FFNs; nothing here depends on the data, so nothing synchronises.
+        A row with no token at all (a CUDA-graph bucket's filler row) attends everywhere instead of
+        producing NaN; its outputs are discarded and its tokens weigh 0 in counts and pooling."""
+        B, T = input_ids.shape
+        layout = TokenLayout(
+            valid=attention_mask.reshape(-1),
+            input_ids=input_ids.reshape(-1),
+            seq_index=torch.arange(B, device=input_ids.device)[:, None]
+            .expand(B, T)
+            .reshape(-1),  # no repeat_interleave
+            attention_mask=attention_mask,
+            batch_size=B,
+            padded=True,
+        )
+        attend = attention_mask | ~attention_mask.any(-1, keepdim=True)  # [B, T]
+        return layout, attend[:, None, None, :]
+
+    @staticmethod
+    def _packed_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Only non-padding tokens go through the FFNs (and no mask at all when there is no padding)."""
+        B, T = input_ids.shape
         padded = not bool(attention_mask.all())
         valid = attention_mask.reshape(-1) if padded else None
         seq_index = torch.arange(B, device=input_ids.device).repeat_interleave(T)
@@ -540,16 +632,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
             batch_size=B,
         )
         attn_mask = attention_mask[:, None, None, :] if padded else None  # [B, 1, 1, T]
-        x = self.embeddings(input_ids, token_type_ids)
-        x, hidden_states, aux, counts = self.encoder(x, attn_mask, layout, output_hidden_states, output_expert_counts)
-        pooled = self.pooler(x) if self.pooler is not None else None
-        return MoEBertModelOutput(
-            last_hidden_state=x,
-            pooler_output=pooled,
-            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
-            router_aux_loss=aux,
-            expert_counts=counts,
-        )
+        return layout, attn_mask
 
 
 def _with_balance_loss(loss: torch.Tensor | None, aux: torch.Tensor | None, weight: float) -> torch.Tensor | None:
