@@ -11,7 +11,7 @@ Why these choices:
   (rows × longest) stays small and no row starves; the padded-token budget caps rows × longest.
 - Padded lengths are rounded up to a few buckets (`bucket_length`), so the model sees a bounded set of
   shapes: every new shape costs oneDNN a primitive and glibc fresh, differently sized buffers, and an
-  unbounded set of shapes grew the resident memory without bound (benchmarks/results/rss_shapes.md).
+  unbounded set of shapes grew the resident memory without bound (see server/memory.py).
 - Admission is by estimated wait: each model learns its seconds per padded token from the batches it
   runs; a request whose rows would wait longer than `max_queue_wait_s` gets a fast 429, and a row still
   queued past its request's deadline is dropped (504) before it is computed.
@@ -36,9 +36,9 @@ from server.metrics import Metrics
 
 log = logging.getLogger("moebert.server")
 
-# Padded lengths: multiples of 16 up to 128, of 64 up to 512, then of 256. A row of 9 tokens pays for 16
-# and one of 300 for 320: ≤ 1.8× on tiny rows (cheap anyway), ≤ 1.2× from 128 tokens on.
-LENGTH_BUCKETS = (*range(16, 129, 16), *range(192, 513, 64))
+# Padded lengths: multiples of 16 up to 128, of 32 up to 512, then of 256 (20 shapes up to 512). A row of
+# 9 tokens pays for 16 and one of 300 for 320: ≤ 1.8× on tiny rows (cheap anyway), ≤ 1.25× from 128 on.
+LENGTH_BUCKETS = (*range(16, 129, 16), *range(160, 513, 32))
 
 
 def bucket_length(n: int) -> int:

@@ -97,13 +97,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
+    from pydantic import ValidationError
+
     from server.settings import ServerSettings
 
     fields = [flag.lstrip("-").replace("-", "_") for flag, _ in SERVE_FLAGS]
     overrides = {field: getattr(args, field) for field in fields}
     overrides["models"] = args.models
     overrides["warmup"] = args.warmup
-    settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:  # one line per setting, not pydantic's multi-line report
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"invalid settings: {problems}") from None
     if not settings.models:  # no --model and no MOEBERT_SERVE_MODELS: the bundled defaults
         settings = settings.model_copy(update={"models": bundled_models(settings.models_dir)})
     return settings

@@ -1,8 +1,9 @@
 """Keep the server's native memory bounded. Called once, before torch or ONNX Runtime is imported.
 
 Under long QA with varying batch shapes the resident memory grew linearly (0.8 → 3.3 GB in two minutes)
-with no plateau, and stayed flat with a small fixed malloc mmap threshold or with oneDNN's primitive
-cache off (benchmarks/results/rss_shapes.md). Two mechanisms, bounded here and in the batcher:
+with no plateau; calling the torch backend directly with varying shapes did the same, and it stayed flat
+with a small fixed malloc mmap threshold or with oneDNN's primitive cache off (issue 12). Two mechanisms,
+bounded here and in the batcher (benchmarks/soak.py shows the plateau):
 - glibc malloc: a freed buffer larger than the mmap threshold is returned to the OS, but glibc raises
   that threshold each time such a buffer is freed (up to 32 MiB), after which the per-batch activation
   buffers (MBs, a different size for every batch shape) come from the heap, whose fragments are rarely
