@@ -56,7 +56,7 @@ async def wait_for_rows(request: Request, futures: list[asyncio.Future], timings
     the deadline they are dropped too (DeadlineExceeded, a 504)."""
     gathered = asyncio.gather(*futures)
     watcher = asyncio.ensure_future(_disconnected(request))
-    timeout = max(0.0, timings.deadline - time.perf_counter())
+    timeout = max(0.0, timings.deadline - time.perf_counter()) if timings.timeout_s != float("inf") else None
     try:
         done, _ = await asyncio.wait({gathered, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:

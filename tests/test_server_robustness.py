@@ -36,7 +36,9 @@ def cli(capsys, *args: str) -> tuple[int, list[str]]:
 
 @pytest.fixture(scope="module")
 def server(tiny_cls_dir, tiny_qa_dir):
-    with ServerProcess({"cls": tiny_cls_dir, "qa": tiny_qa_dir}, "--max-inputs", "16") as proc:
+    # A long deadline: on a busy CI box a queued window may take seconds; the deadline has its own test.
+    flags = ("--max-inputs", "16", "--request-timeout-s", "120")
+    with ServerProcess({"cls": tiny_cls_dir, "qa": tiny_qa_dir}, *flags) as proc:
         yield proc
 
 
