@@ -63,6 +63,7 @@ async def wait_for_rows(request: Request, futures: list[asyncio.Future], timings
         watcher.cancel()
     if gathered not in done:
         gathered.cancel()  # cancels the row futures: the batcher skips them
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
         if watcher in done:
             raise ClientGone()
         raise DeadlineExceeded(f"the request was not answered within its deadline of {timings.timeout_s:g} s")
