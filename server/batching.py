@@ -216,8 +216,10 @@ class Batcher:
         return backlog * self.s_per_token * max(1, self._scheduler.busy_models())
 
     def admit(self, rows: int, tokens: int) -> None:
-        """Raise (413/429/503) unless `rows` rows of about `tokens` tokens could be queued now: cheap, and
-        called before the expensive work (QA windowing) with an estimate, then by submit with the truth."""
+        """Raise (413/429/503) unless `rows` rows could be queued now: cheap, and called before the expensive
+        work (QA windowing), then by submit with the true row count. 429 when the estimated model time of
+        the work ahead (queued, running, reserved) is over max_queue_wait_s; `tokens` (this request's own
+        work) does not count, so a big request on a quiet server still runs."""
         if self._closing:
             raise Unavailable("the server is shutting down")
         if rows > self.max_queue:
@@ -228,7 +230,7 @@ class Batcher:
         waiting = self.depth + self._reserved_rows
         if waiting + rows > self.max_queue:
             raise Overloaded(f"model {self.model_name!r} has {waiting} rows waiting (limit {self.max_queue})")
-        wait = self.estimated_wait_s(tokens)
+        wait = self.estimated_wait_s()  # the work ahead of it, not its own: a big request alone still runs
         if waiting and wait > self.max_queue_wait_s:
             raise Overloaded(
                 f"model {self.model_name!r} is busy: about {wait:.1f} s of queued work "

@@ -195,11 +195,13 @@ def test_admission_by_estimated_wait():
         )  # fmt: skip
         batcher.learn(0.5, 1000)  # 0.5 ms per token
         batcher.submit([([1] * 500, [0] * 500)] * 3)  # 1500 tokens: 0.75 s queued
-        with pytest.raises(Overloaded, match="s of queued work"):
-            batcher.submit([([1] * 600, [0] * 600)])  # would be 1.05 s
-        with batcher.reserve(1, 400), pytest.raises(Overloaded):
-            batcher.admit(1, 200)  # the reservation counts
-        batcher.admit(1, 400)  # and is given back
+        # 0.75 s ahead of the reserved request (admitted, its 600 tokens held); 1.05 s ahead of the next
+        with batcher.reserve(1, 600), pytest.raises(Overloaded, match="s of queued work"):
+            batcher.admit(1, 1)
+        batcher.admit(1, 1)  # the reservation was given back
+        batcher.submit([([1] * 1000, [0] * 1000)])  # a big request with 0.75 s ahead still gets in
+        with pytest.raises(Overloaded):
+            batcher.submit([([1] * 8, [0] * 8)])
         batcher.fail_all(RuntimeError("test over"))
 
     asyncio.run(scenario())
