@@ -120,7 +120,9 @@ class ServerState:
         if self.scheduler is not None:
             await self.scheduler.close()  # the batch that is running finishes
         self.executor.shutdown(wait=True)
-        self.tokenizer_executor.shutdown(wait=True)
+        # Tokenization not started yet is for requests nobody waits for any more: not run (a backlog of
+        # long contexts must not hold up the exit).
+        self.tokenizer_executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _terminate_self() -> None:
