@@ -64,6 +64,26 @@ def task_of(config: PretrainedConfig) -> Task:
     return "encoder"
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt.index", "tf_model.h5")
+
+
+def check_weights_files(path: str | Path) -> None:
+    """A local folder must hold safetensors weights: pickled weights can run code when loaded, so they
+    are refused (with what to do) rather than loaded."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id (or a missing folder, which load_config has reported)
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickled = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+    if pickled:
+        raise CheckpointError(
+            f"{folder / pickled[0]}: pickled weights are not loaded (they can run code); convert them to "
+            "model.safetensors first (load in transformers, then save_pretrained(..., safe_serialization=True))"
+        )
+    raise CheckpointError(f"{folder}: no model.safetensors found (no weights in this folder)")
+
+
 def load_model(
     path: str | Path, task: Task | None = None, dtype: torch.dtype = torch.float32, **overrides
 ) -> MoEBertPreTrainedModel:
@@ -79,11 +99,18 @@ def load_model(
     task = task or task_of(config)
     if task not in MODEL_CLASSES:
         raise CheckpointError(f"unknown task {task!r}: expected one of {', '.join(MODEL_CLASSES)}")
+    check_weights_files(path)
+    from safetensors import SafetensorError
+
     try:
         # A new head size (num_labels override) re-initialises the head instead of failing on its shape.
         model = MODEL_CLASSES[task].from_pretrained(
             str(path), config=config, dtype=dtype, ignore_mismatched_sizes="num_labels" in overrides
         )
+    except SafetensorError as err:
+        file = Path(path) / "model.safetensors"
+        where = file if file.is_file() else f"{path}: a safetensors file"
+        raise CheckpointError(f"{where} is not readable (truncated or corrupt?): {err}") from None
     except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot load the weights ({err})") from err
+        raise CheckpointError(f"{path}: cannot load the weights ({str(err).splitlines()[0]})") from None
     return model.eval()

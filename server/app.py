@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -12,8 +13,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.batching import Batcher
-from server.errors import ClientGone, error_body, install_error_handlers
+from server.batching import Batcher, Scheduler
+from server.errors import ClientGone, Unavailable, error_body, install_error_handlers
 from server.metrics import Metrics
 from server.middleware import install_middleware
 from server.openapi import install_security_scheme, is_guarded
@@ -53,31 +54,41 @@ class ServerState:
         self.registry = Registry()
         # One inference thread for every model: on CPU, two models at once only fight for the cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # One tokenizer thread: a transformers tokenizer keeps its truncation settings in its Rust backend,
+        # so two threads windowing at once flip each other's settings (and windows come out too long).
+        self.tokenizer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.scheduler: Scheduler | None = None
         self.ready = False
         self.draining = False
         self.failed: str | None = None  # why loading failed (the CLI then exits non-zero)
         self.on_fatal = _terminate_self  # the CLI replaces it with "stop uvicorn"
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._loading: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.scheduler = Scheduler(self.executor)
         self._loading = asyncio.create_task(self._load())
 
+    async def tokenize(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) in the tokenizer thread."""
+        return await self.loop.run_in_executor(self.tokenizer_executor, functools.partial(fn, *args, **kwargs))
+
     async def _load(self) -> None:
+        settings = self.settings
         try:
-            for name, path in self.settings.models.items():
-                model = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, load_served_model, name, path, self.settings
-                )
+            for name, path in settings.models.items():
+                model = await self.loop.run_in_executor(self.executor, load_served_model, name, path, settings)
                 model.batcher = Batcher(
-                    name, model.backend.run, self.executor, self.metrics,
+                    name, model.backend.run, self.scheduler, self.metrics,
                     pad_id=model.pad_id, moe_layers=list(model.config.moe_layers),
-                    max_batch_tokens=self.settings.max_batch_tokens,
-                    max_batch_requests=self.settings.max_batch_requests,
-                    max_wait_ms=self.settings.max_wait_ms, max_queue=self.settings.max_queue,
+                    max_batch_tokens=settings.max_batch_tokens, max_batch_requests=settings.max_batch_requests,
+                    max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, max_row_len=model.max_seq_len,
+                    max_batch_s=settings.max_batch_ms / 1000, max_queue_wait_s=settings.request_timeout_s / 2,
                 )  # fmt: skip
-                if self.settings.warmup:
-                    await asyncio.get_running_loop().run_in_executor(self.executor, warm_up, model)
-                model.batcher.start()
+                if settings.warmup:
+                    await self.loop.run_in_executor(self.executor, warm_up, model)
+                self.scheduler.add(model.batcher)
                 self.registry.models[name] = model
             self.ready = True
             log.info("ready: %s", ", ".join(self.registry.models) or "no models")
@@ -86,14 +97,38 @@ class ServerState:
             log.error("loading models failed: %s", self.failed)
             self.on_fatal()
 
-    async def stop(self) -> None:
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new work now; what is queued may still run for drain_timeout_s, then it is
+        answered 503 without being computed."""
+        if self.draining and self._abort is not None:
+            return
         self.draining = True
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
+        self._abort = self.loop.call_later(self.settings.drain_timeout_s, self.abort_queued)
+
+    _abort: asyncio.TimerHandle | None = None
+
+    def abort_queued(self) -> None:
+        dropped = 0
         for model in self.registry.models.values():
             if model.batcher is not None:
-                await model.batcher.close()
+                model.batcher.close()
+                dropped += model.batcher.fail_all(Unavailable("the server shut down before this request was computed"))
+        if dropped:
+            log.warning("drain: %d queued rows answered 503 without being computed", dropped)
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self._abort is not None:
+            self._abort.cancel()
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        self.abort_queued()
+        if self.scheduler is not None:
+            await self.scheduler.close()  # the batch that is running finishes
         self.executor.shutdown(wait=True)
+        # Tokenization not started yet is for requests nobody waits for any more: not run (a backlog of
+        # long contexts must not hold up the exit).
+        self.tokenizer_executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _terminate_self() -> None:
@@ -105,17 +140,24 @@ def _terminate_self() -> None:
 
 def warm_up(model) -> None:
     """Run a few batch shapes once so the first requests do not pay for lazy initialization."""
+    import time
+
     from server.batching import Row, pad_batch
 
-    for rows, length in ((1, 8), (4, 16), (8, 32)):
+    for rows, length in ((1, 8), (4, 16), (8, 32), (2, 128)):
         length = min(length, model.max_seq_len)
         batch = [Row([101] + [1000] * (length - 2) + [102], [0] * length, None) for _ in range(rows)]
-        model.backend.run(*pad_batch(batch, model.pad_id))
+        inputs = pad_batch(batch, model.pad_id, model.max_seq_len)
+        started = time.perf_counter()
+        model.backend.run(*inputs)
+        if model.batcher is not None and length > 8:  # the first call pays for lazy initialization
+            model.batcher.learn(time.perf_counter() - started, inputs[0].size)
 
 
 class Guard:
     """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware): counts requests and in-flight,
-    and for /v1/*: 503 while loading or draining, 401 without the API key, 413 for an oversized body."""
+    and for /v1/*: 503 while loading or draining, 401 without the API key, 413 for an oversized body, 408
+    for a body that does not arrive in time."""
 
     def __init__(self, app, state: ServerState):
         self.app = app
@@ -135,11 +177,14 @@ class Guard:
 
         metrics.in_flight.inc()
         try:
-            rejection = self._reject(scope) if is_guarded(scope["path"]) else None
+            guarded = is_guarded(scope["path"])
+            rejection = self._reject(scope) if guarded else None
+            if rejection is None and guarded:
+                rejection, receive = await self._read_body(receive)
             if rejection is not None:
                 await rejection(scope, receive, send_counted)
             else:
-                await self.app(scope, self._limited(scope, receive), send_counted)
+                await self.app(scope, receive, send_counted)
         finally:
             metrics.in_flight.dec()
             metrics.requests.labels(endpoint, str(status[0])).inc()
@@ -173,27 +218,46 @@ class Guard:
         self.state.metrics.failures.labels(type_).inc()
         return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
 
-    def _limited(self, scope, receive):
-        """Counts body bytes as they arrive (chunked uploads have no Content-Length)."""
-        limit, seen = self.state.settings.max_request_bytes, [0]
+    async def _read_body(self, receive):
+        """The whole body, read here within body_timeout_s (a slow client gets a 408) and within
+        max_request_bytes (chunked uploads have no Content-Length: 413 once over). → (rejection or None,
+        a receive that replays the body and then passes on the client's disconnect)."""
+        settings = self.state.settings
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(settings.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return Response(status_code=499), receive  # nobody reads it
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > settings.max_request_bytes:
+                        message = f"the request body is over the size limit of {settings.max_request_bytes} bytes"
+                        return self._error(413, "payload_too_large", message, {"Connection": "close"}), receive
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            message = f"the request body did not arrive within {settings.body_timeout_s:g} s"
+            return self._error(408, "request_timeout", message, {"Connection": "close"}), receive
+        body, replayed = b"".join(chunks), False
 
-        async def receive_limited():
-            message = await receive()
-            if message["type"] == "http.request":
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > limit:
-                    scope["moebert.too_large"] = True
-                    raise ValueError("body too large")  # FastAPI turns it into a 400; see errors.py
-            return message
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        return receive_limited
+        return None, replay
 
 
 def json_response(body, timings) -> Response:
     return Response(body.model_dump_json(exclude_none=True), media_type="application/json", headers=timings.headers())
 
 
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (401, 404, 408, 413, 422, 429, 503, 504)}
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -259,7 +323,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics", tags=["health"])
     async def metrics() -> Response:
-        for name, model in state.registry.models.items():
+        for name, model in state.registry.models.items():  # queued and running rows, not computed yet
             state.metrics.queue_depth.labels(name).set(model.batcher.depth if model.batcher else 0)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

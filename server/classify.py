@@ -7,14 +7,17 @@ import time
 import numpy as np
 from fastapi import Request
 
-from server.errors import InvalidInput
-from server.handling import Timings, check_count, wait_for_rows
+from server.handling import Timings, check_count, check_text, wait_for_rows
 from server.registry import ServedModel
 from server.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, LabelScore, TextPair, Usage
 
+# Inputs up to this many characters are tokenized on the event loop (well under a millisecond); longer
+# ones in the tokenizer thread, so that one huge text does not hold up every other request.
+INLINE_CHARS = 4096
+
 
 def normalize_inputs(inputs) -> list[tuple[str, str | None]]:
-    """The accepted shapes → [(text, text_pair or None)]; blank texts are a 422."""
+    """The accepted shapes → [(text, text_pair or None)]; blank or non-Unicode texts are a 422."""
     items = inputs if isinstance(inputs, list) else [inputs]
     out: list[tuple[str, str | None]] = []
     for i, item in enumerate(items):
@@ -24,8 +27,9 @@ def normalize_inputs(inputs) -> list[tuple[str, str | None]]:
             text, pair = item.text, item.text_pair
         else:
             text, pair = item
-        if not text.strip() or (pair is not None and not pair.strip()):
-            raise InvalidInput(f"inputs[{i}] is empty or whitespace only")
+        check_text(text, f"inputs[{i}]")
+        if pair is not None:
+            check_text(pair, f"inputs[{i}] (its text_pair)")
         out.append((text, pair))
     return out
 
@@ -58,13 +62,19 @@ def result_of(logits: np.ndarray, model: ServedModel, req: ClassifyRequest) -> C
 async def classify(
     req: ClassifyRequest, request: Request, model: ServedModel, state
 ) -> tuple[ClassifyResponse, Timings]:
-    timings = Timings()
+    timings = Timings(timeout_s=state.settings.request_timeout_s)
     items = normalize_inputs(req.inputs)
     check_count(len(items), state.settings.max_inputs, "inputs")
+    chars = sum(len(a) + len(b or "") for a, b in items)
+    estimated = min(chars // 3 + 2 * len(items), len(items) * model.max_seq_len)
     t0 = time.perf_counter()
-    rows = model.encode(items, req.truncate)
+    with model.batcher.reserve(len(items), estimated):  # cheap and early: 429 before tokenizing
+        if chars > INLINE_CHARS:  # long texts take a while to tokenize: off the event loop
+            rows = await state.tokenize(model.encode, items, req.truncate)
+        else:
+            rows = model.encode(items, req.truncate)
     timings.tokenization_s = time.perf_counter() - t0
-    futures = model.batcher.submit(rows)
+    futures = model.batcher.submit(rows, timings.deadline)
     results = await wait_for_rows(request, futures, timings)
     tokens = sum(len(ids) for ids, _ in rows)
     response = ClassifyResponse(

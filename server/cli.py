@@ -4,6 +4,7 @@ so fastapi, uvicorn, torch and onnx are imported only when a command runs."""
 from __future__ import annotations
 
 import argparse
+import signal
 
 # flag → settings field; a flag left out keeps the env var (MOEBERT_SERVE_*) or the default.
 SERVE_FLAGS: list[tuple[str, dict]] = [
@@ -44,12 +45,37 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--max-batch-tokens", {"type": int, "help": "padded tokens per batch (default 8192)"}),
     ("--max-batch-requests", {"type": int, "help": "rows per batch (default 64)"}),
     ("--max-wait-ms", {"type": float, "help": "how long a lone row waits for company (default 2)"}),
-    ("--max-queue", {"type": int, "help": "rows queued per model before 429 (default 512)"}),
+    ("--max-queue", {"type": int, "help": "rows queued per model before 429 (default 512; more in one request: 413)"}),
+    (
+        "--max-batch-ms",
+        {
+            "type": float,
+            "help": "estimated model time per batch (default 250): how long one model's batch may hold up the others",
+        },
+    ),
+    (
+        "--request-timeout-s",
+        {
+            "type": float,
+            "help": "deadline per request (default 10): rows not computed by then are dropped (504); "
+            "a request whose estimated queue wait is over half of it gets 429",
+        },
+    ),
     ("--max-inputs", {"type": int, "help": "inputs per request (default 64)"}),
     ("--max-request-bytes", {"type": int, "help": "body size limit (default 1 MiB)"}),
     ("--max-seq-len", {"type": int, "help": "tokens per row (default: the model's limit)"}),
     ("--max-qa-windows", {"type": int, "help": "QA windows per request (default 64)"}),
-    ("--drain-timeout-s", {"type": float, "help": "SIGTERM: time allowed for in-flight work (default 30)"}),
+    ("--max-qa-chars", {"type": int, "help": "characters per QA request, 413 before tokenizing (default 100000)"}),
+    ("--header-timeout-s", {"type": float, "help": "time a client has to send a request's headers (default 10)"}),
+    ("--body-timeout-s", {"type": float, "help": "time a client has to send a request's body, else 408 (default 30)"}),
+    (
+        "--drain-timeout-s",
+        {
+            "type": float,
+            "help": "SIGTERM: time allowed for queued and in-flight work (default 30); what has not "
+            "run by then is answered 503",
+        },
+    ),
     ("--log-level", {"choices": ["debug", "info", "warning", "error"], "help": "default info"}),
     ("--access-log", {"action": "store_const", "const": True, "help": "one JSON line per request on stderr"}),
     ("--cors-origins", {"help": "comma-separated origins browsers may call from ('*': any; default none)"}),
@@ -89,13 +115,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
+    from pydantic import ValidationError
+
     from server.settings import ServerSettings
 
     fields = [flag.lstrip("-").replace("-", "_") for flag, _ in SERVE_FLAGS]
     overrides = {field: getattr(args, field) for field in fields}
     overrides["models"] = args.models
     overrides["warmup"] = args.warmup
-    settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:  # one line per setting, not pydantic's multi-line report
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"invalid settings: {problems}") from None
     if not settings.models:  # no --model and no MOEBERT_SERVE_MODELS: the bundled defaults
         settings = settings.model_copy(update={"models": bundled_models(settings.models_dir)})
     return settings
@@ -115,8 +147,8 @@ def bundled_models(models_dir: str | None) -> dict[str, str]:
 
 def check_models(settings) -> None:
     """Fail fast, with one clear line, on what would fail after startup: missing folders, wrong heads."""
-    from moebert.loading import load_config, task_of
-    from server.backends import resolve_backend
+    from moebert.loading import CheckpointError
+    from server.checkpoints import check_checkpoint
     from server.settings import default_models_dir
 
     if not settings.models:
@@ -125,41 +157,51 @@ def check_models(settings) -> None:
             f"or put checkpoints in {settings.models_dir or default_models_dir()}"
         )
     for name, path in settings.models.items():
-        task = task_of(load_config(path))
-        if task not in ("classification", "qa"):
-            raise ValueError(f"model {name!r} ({path}) has no classification or QA head")
         try:
-            resolve_backend(path, settings.backend, settings.onnx_precision, settings.device)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"model {name!r}: {e}") from None
+            check_checkpoint(path, settings.backend, settings.onnx_precision, settings.device)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise type(e)(f"model {name!r}: {e}") from None
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    from server.memory import bound_native_memory
+
+    settings = settings_from_args(args)
+    bound_native_memory()  # before torch and ONNX Runtime load
+    check_models(settings)
+
     import uvicorn
 
     from server.app import create_app
+    from server.protocol import protocol_with_header_timeout
 
-    settings = settings_from_args(args)
-    check_models(settings)
     app = create_app(settings)
+    state = app.state.moebert
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM/SIGINT: readiness turns 503 and new API requests are refused at once, while uvicorn
-        stops listening and lets in-flight requests finish (up to drain_timeout_s)."""
+        stops listening and lets in-flight requests finish; queued work still waiting after drain_timeout_s
+        is answered 503. A drained server exits 0 (uvicorn would re-raise the signal: exit 143)."""
 
         def handle_exit(self, sig, frame) -> None:
-            app.state.moebert.draining = True
-            super().handle_exit(sig, frame)
+            if state.loop is not None:
+                state.loop.call_soon_threadsafe(state.begin_drain)
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=settings.drain_timeout_s, server_header=False,
+        # A backstop: the app answers everything by drain_timeout_s, then a running batch finishes.
+        timeout_graceful_shutdown=settings.drain_timeout_s + 5, server_header=False,
+        http=protocol_with_header_timeout(settings.header_timeout_s),
     )  # fmt: skip
     server = DrainingServer(config)
-    app.state.moebert.on_fatal = lambda: setattr(server, "should_exit", True)
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
-    if app.state.moebert.failed:
-        raise ValueError(f"could not load the models: {app.state.moebert.failed}")
+    if state.failed:
+        raise ValueError(f"could not load the models: {state.failed}")
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -58,6 +58,13 @@ class Unavailable(ApiError):
         super().__init__(message, {"Retry-After": str(retry_after_s)})
 
 
+class DeadlineExceeded(ApiError):
+    status, type = 504, "timeout"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message, {"Retry-After": str(retry_after_s)})
+
+
 class ClientGone(Exception):
     """The client disconnected; nobody reads the answer."""
 
@@ -97,14 +104,10 @@ def install_error_handlers(app: FastAPI, on_error) -> None:
         return error_response(422, "invalid_input", _describe(list(err.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        # FastAPI's own: 404 route, 405 method, 400 unparsable body (bad encoding, nesting too deep, or a
-        # chunked body the guard cut off for size).
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own: 404 route, 405 method, 400 unparsable body (bad encoding, nesting too deep).
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "bad_request")
-        if err.status_code == 400 and request.scope.get("moebert.too_large"):
-            err = StarletteHTTPException(413, "the request body is over the size limit")
-            type_ = "payload_too_large"
-        elif err.status_code == 400:
+        if err.status_code == 400:
             err = StarletteHTTPException(422, "the body is not valid UTF-8 JSON (or is nested too deeply)")
             type_ = "invalid_input"
         on_error(type_)

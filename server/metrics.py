@@ -3,7 +3,7 @@ that several apps in one process (tests) do not collide."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 # Request-level latencies span ~1 ms (a short sentence in an idle server) to seconds (overload).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -16,6 +16,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r, me = self.registry, ("model", "endpoint")
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, …
+        PlatformCollector(registry=r)  # python_info
         self.request_seconds = Histogram(
             "moebert_request_seconds", "Request time, received to answered", me, buckets=LATENCY_BUCKETS, registry=r
         )
@@ -45,7 +47,9 @@ class Metrics:
             "moebert_batch_padding_ratio", "Share of a batch's tokens that are padding", ("model",),
             buckets=RATIO_BUCKETS, registry=r,
         )  # fmt: skip
-        self.queue_depth = Gauge("moebert_queue_depth", "Rows waiting to be batched", ("model",), registry=r)
+        self.queue_depth = Gauge(
+            "moebert_queue_depth", "Rows not computed yet (queued, or in the running batch)", ("model",), registry=r
+        )
         self.in_flight = Gauge("moebert_requests_in_flight", "Requests being handled", registry=r)
         self.requests = Counter(
             "moebert_requests", "Requests by endpoint and HTTP status", ("endpoint", "status"), registry=r

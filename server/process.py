@@ -36,7 +36,7 @@ class ServerProcess:
         self.log = log or tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the server)
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 120.0) -> ServerProcess:
+    def start(self, timeout_s: float = 300.0) -> ServerProcess:
         repo = Path(__file__).resolve().parent.parent
         self.proc = subprocess.Popen(
             self.args, env=self.env, cwd=repo, stdout=self.log, stderr=subprocess.STDOUT, text=True

@@ -4,7 +4,6 @@ chosen across a pair's windows."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ from fastapi import Request
 
 from moebert.qa import decode_answers, make_windows_batch
 from server.errors import InvalidInput, PayloadTooLarge
-from server.handling import Timings, check_count, wait_for_rows
+from server.handling import Timings, check_count, check_text, wait_for_rows
 from server.registry import ServedModel
 from server.schemas import Answer, QARequest, QAResponse, QAResult, Usage
 
@@ -32,9 +31,8 @@ def pairs_of(req: QARequest) -> list[tuple[str, str]]:
     else:
         pairs = [(p.question, p.context) for p in req.inputs]
     for i, (question, context) in enumerate(pairs):
-        if not question.strip() or not context.strip():
-            which = "question" if not question.strip() else "context"
-            raise InvalidInput(f"pair {i}: the {which} is empty or whitespace only")
+        check_text(question, f"pair {i}: the question")
+        check_text(context, f"pair {i}: the context")
     return pairs
 
 
@@ -47,18 +45,29 @@ def pad_rows(rows: list[np.ndarray]) -> np.ndarray:
 
 
 async def answer(req: QARequest, request: Request, model: ServedModel, state) -> tuple[QAResponse, Timings]:
-    timings = Timings()
+    settings = state.settings
+    timings = Timings(timeout_s=settings.request_timeout_s)
     pairs = pairs_of(req)
-    check_count(len(pairs), state.settings.max_inputs, "question/context pairs")
+    check_count(len(pairs), settings.max_inputs, "question/context pairs")
     max_seq_len = req.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, model.max_seq_len)
     if max_seq_len > model.max_seq_len:
         raise InvalidInput(f"max_seq_len {max_seq_len} is over model {model.name!r}'s limit of {model.max_seq_len}")
+    # Cheap checks before the expensive windowing: the size in characters, and room in the queue for
+    # about as many tokens as the text has (a token is ~4 characters of English; overlap adds some).
+    chars = sum(len(q) + len(c) for q, c in pairs)
+    if chars > settings.max_qa_chars:
+        raise PayloadTooLarge(
+            f"the questions and contexts have {chars} characters; the limit is {settings.max_qa_chars} per request "
+            "(send shorter contexts or fewer pairs)"
+        )
+    estimated = min(chars // 3 + len(pairs), settings.max_qa_windows * max_seq_len)
     t0 = time.perf_counter()
-    try:  # long contexts take a while to tokenize: off the event loop
-        windows = await asyncio.to_thread(
-            make_windows_batch, model.tokenizer, [q for q, _ in pairs], [c for _, c in pairs],
-            max_seq_len=max_seq_len, doc_stride=req.doc_stride, max_question_len=req.max_question_len,
-        )  # fmt: skip
+    try:
+        with model.batcher.reserve(len(pairs), estimated):
+            windows = await state.tokenize(
+                make_windows_batch, model.tokenizer, [q for q, _ in pairs], [c for _, c in pairs],
+                max_seq_len=max_seq_len, doc_stride=req.doc_stride, max_question_len=req.max_question_len,
+            )  # fmt: skip
     except ValueError as err:
         raise InvalidInput(str(err)) from err
     timings.tokenization_s = time.perf_counter() - t0
@@ -69,7 +78,10 @@ async def answer(req: QARequest, request: Request, model: ServedModel, state) ->
             "per request (send shorter contexts, fewer pairs, or a larger doc stride)"
         )
     rows = [(w.input_ids, w.token_type_ids) for pair in windows for w in pair]
-    results = await wait_for_rows(request, model.batcher.submit(rows), timings)
+    longest = max(len(ids) for ids, _ in rows)
+    if longest > max_seq_len:  # the windowing broke its contract: never let it reach the model
+        raise RuntimeError(f"QA windowing made a window of {longest} tokens (max_seq_len {max_seq_len})")
+    results = await wait_for_rows(request, model.batcher.submit(rows, timings.deadline), timings)
     out, k = [], 0
     for (_, context), pair_windows in zip(pairs, windows, strict=True):
         mine = results[k : k + len(pair_windows)]

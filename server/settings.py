@@ -83,22 +83,49 @@ class ServerSettings(OperationsSettings):
     max_batch_requests: int = Field(64, ge=1, description="rows per batch")
     max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="how long a lone row waits for company")
     max_queue: int = Field(512, ge=1, description="rows waiting per model before 429")
+    max_batch_ms: float = Field(
+        250.0, ge=1.0, le=60_000.0,
+        description="estimated model time per batch: bounds how long one model's batch holds up the others",
+    )  # fmt: skip
+    request_timeout_s: float = Field(
+        10.0, gt=0.0, le=3600.0,
+        description="deadline per request: work not computed by then is dropped (504); admission refuses (429) "
+        "work whose estimated queue wait exceeds half of it",
+    )  # fmt: skip
 
     # Request limits
     max_inputs: int = Field(64, ge=1, description="inputs (texts or question/context pairs) per request")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="request body size (413 above)")
     max_seq_len: int | None = Field(None, ge=8, description="cap on tokens per row (default: the model's)")
     max_qa_windows: int = Field(64, ge=1, description="QA windows per request, all pairs together")
+    max_qa_chars: int = Field(
+        100_000, ge=1, description="characters per QA request, all contexts together (413 before tokenizing)"
+    )
+
+    # Slow clients
+    header_timeout_s: float = Field(10.0, gt=0.0, description="time to send a request's headers (else closed)")
+    body_timeout_s: float = Field(30.0, gt=0.0, description="time to send a request's body (else 408)")
 
     # Lifecycle
     warmup: bool = True
     drain_timeout_s: float = Field(30.0, ge=0.0, description="SIGTERM: how long in-flight work may take")
 
-    @field_validator("api_key", "threads", "max_seq_len", mode="before")
+    @field_validator("threads", "max_seq_len", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        # Compose passes `VAR: ${VAR:-}` as an empty string: that means "not set", not "the empty key".
+        # Compose passes `VAR: ${VAR:-}` as an empty string: that means "not set".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _no_blank_key(cls, value: object) -> object:
+        # A blank key must not quietly mean "no auth": whoever set it meant to protect the API.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and (not text.strip() or text != text.strip()):
+            raise ValueError(
+                "the API key is blank or has leading/trailing whitespace; set a real key or leave it unset"
+            )
+        return value
 
     @field_validator("models", mode="before")
     @classmethod
