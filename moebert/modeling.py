@@ -149,7 +149,7 @@ class TokenLayout:
     """Where the non-padding tokens of a batch are, computed once per forward and shared by all layers.
 
     valid [B*T] bool or None (None: no padding); input_ids [N]; seq_index [N] (batch row of each token);
-    attention_mask [B, T] bool.
+    attention_mask [B, T] bool; token_index [N] (where each token sits in B*T) or None (no padding).
     """
 
     valid: torch.Tensor | None
@@ -157,6 +157,7 @@ class TokenLayout:
     seq_index: torch.Tensor
     attention_mask: torch.Tensor
     batch_size: int
+    token_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -428,6 +429,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
             seq_index=seq_index[valid] if padded else seq_index,
             attention_mask=attention_mask,
             batch_size=B,
+            token_index=valid.nonzero().squeeze(-1) if padded else None,
         )
         attn_mask = attention_mask[:, None, None, :] if padded else None  # [B, 1, 1, T]
         x = self.embeddings(input_ids, token_type_ids)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from moebert.loading import load_model, task_of
-from moebert.modeling import MoEBertSelfAttention, MoEFFN
+from moebert.modeling import HashRouter, MoEBertLayer, MoEBertSelfAttention, MoEFFN
 
 log = logging.getLogger("moebert.onnx")
 
@@ -68,6 +68,35 @@ def _explicit_attention(self: MoEBertSelfAttention, x: torch.Tensor, attn_mask: 
     return torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(B, T, d)
 
 
+def _export_layer(self: MoEBertLayer, x: torch.Tensor, attn_mask: torch.Tensor | None, layout):
+    """MoEBertLayer.forward in the form ONNX Runtime runs fast (see the module doc). x [B, T, d] → [B, T, d]."""
+    B, T, d = x.shape
+    attn_out = self.attention(x, attn_mask).reshape(B * T, d)
+    index = layout.token_index  # [N] non-padding positions, or None (no padding)
+    if self.moe is None:
+        tokens = attn_out if index is None else attn_out.index_select(0, index)  # [N, d]
+        y = self.output(F.gelu(self.intermediate.dense(tokens)), tokens)
+        y = y if index is None else attn_out.index_put((index,), y)  # one row scatter
+        return y.view(B, T, d), None
+    from kernels import moe_ffn_export
+
+    moe = self.moe
+    E = moe.fc1_weight.shape[0]
+    gated = not isinstance(moe.router, HashRouter)  # hash routing reads only the ids: no gather for it
+    tokens = attn_out if index is None or not gated else attn_out.index_select(0, index)
+    routing = moe.router(tokens, layout)  # expert ids [N]
+    expert_ids, scale = routing.expert_ids, routing.scale
+    if index is not None:  # back to [B*T]; padding gets expert E, which no expert serves: it passes through
+        expert_ids = torch.full((B * T,), E, dtype=expert_ids.dtype).index_put((index,), expert_ids)
+        if scale is not None:
+            scale = torch.ones(B * T, dtype=scale.dtype).index_put((index,), scale)
+    y = moe_ffn_export(
+        attn_out, expert_ids, moe.fc1_weight, moe.fc1_bias, moe.fc2_weight, moe.fc2_bias, moe.ln_weight,
+        moe.ln_bias, scale, moe.eps,
+    )  # fmt: skip
+    return y.view(B, T, d), routing
+
+
 def _bincount(x: torch.Tensor, weights=None, minlength: int = 0) -> torch.Tensor:
     """torch.bincount for the model's uses (ids known to be < minlength), as an exportable scatter-add."""
     if weights is not None:
@@ -88,16 +117,19 @@ def export_mode(model):
     """The model as it is exported: export MoE backend, fusable attention, exportable bincount; restored after."""
     backend = model.config.moe_backend
     attentions = [m for m in model.modules() if isinstance(m, MoEBertSelfAttention)]
+    layers = [m for m in model.modules() if isinstance(m, MoEBertLayer)]
     original_bincount, original_index_add = torch.bincount, torch.Tensor.index_add
     model.set_moe_backend("export")
     for m in attentions:
         m.forward = types.MethodType(_explicit_attention, m)
+    for m in layers:
+        m.forward = types.MethodType(_export_layer, m)
     torch.bincount, torch.Tensor.index_add = _bincount, _index_add
     try:
         yield model
     finally:
         torch.bincount, torch.Tensor.index_add = original_bincount, original_index_add
-        for m in attentions:
+        for m in attentions + layers:
             del m.forward  # back to the class's method
         model.set_moe_backend(backend)
 
