@@ -4,10 +4,11 @@ teacher beside its MoEBERT conversion, at several batch shapes, on the server's 
     python benchmarks/onnx_profile.py --model dense=/tmp/mb13/dense --model moe=/tmp/mb13/moe \\
         --shapes 32x128 1x128 16x24 --threads 2
 
-Each --model is NAME=CHECKPOINT (its onnx/ export; both model.onnx and model.int8.onnx are profiled
-when present) or NAME=FILE.onnx. For each graph and shape: ms per run (the sum of node times, median
-run), the share of each op type, and how many of those ops ran on one thread only (ORT's thread
-scheduling stats: no work handed to the pool's other threads). Writes benchmarks/results/<--name>.{md,json}.
+Each --model is NAME=CHECKPOINT (its onnx/ export; both model.onnx and model.int8.onnx are profiled,
+as "NAME fp32" / "NAME int8") or "NAME VARIANT=FILE.onnx"; "moe X" is compared with "dense X".
+For each graph and shape: ms per run (the sum of node times, median run), the share of each op type,
+and how many of those nodes handed no work to the pool's other thread(s) (ORT's thread scheduling
+stats, sub-thread num_run == 0). Writes benchmarks/results/<--name>.{md,json}.
 """
 
 from __future__ import annotations
@@ -109,15 +110,14 @@ def main() -> None:
         f"`python benchmarks/onnx_profile.py {' '.join(sys.argv[1:])}` — ORT profiler, {args.threads} intra-op "
         f"threads, no spinning (the server's settings), median of {args.runs} runs.",
         "",
-        "## Run time per graph and shape (ms; ratio = dense / this graph, same precision)",
+        "## Run time per graph and shape (ms; ratio = `dense X` / `moe X`, same variant X)",
         "",
         "| shape | graph | ms per run | sum of node times ms | ratio vs dense |",
         "|---|---|---:|---:|---:|",
     ]
     for r in results:
-        precision = r["graph"].split()[-1]
-        dense = next((d for d in results if d["shape"] == r["shape"] and d["graph"].startswith("dense")
-                      and d["graph"].split()[-1] == precision), None)  # fmt: skip
+        variant = r["graph"].split(" ", 1)[-1]  # "fp32" / "int8" (or a file's label after its model name)
+        dense = next((d for d in results if d["shape"] == r["shape"] and d["graph"] == f"dense {variant}"), None)
         ratio = f"{dense['ms'] / r['ms']:.2f}×" if dense else ""
         lines.append(f"| {r['shape']} | {r['graph']} | {r['ms']:.2f} | {r['node_ms']:.2f} | {ratio} |")
     for r in results:

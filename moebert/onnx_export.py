@@ -1,16 +1,21 @@
 """Export a dense BERT or a MoEBERT checkpoint to ONNX for ONNX Runtime, with routing inside the graph.
 
 What the exported graph contains, and why:
-- The MoE FFNs run through the `export` kernel backend: per expert NonZero → Gather → FFN → ScatterND,
-  so that hash routing (a table lookup from the input ids) and gate routing (Linear → Softmax → ArgMax)
-  are recorded for every input, not frozen at the example's routing. The experts keep the exact (erf)
-  GELU: ONNX Runtime fuses it into its `Gelu` op, so nothing is approximated (com.microsoft.MoE, whose
-  GELU is the tanh approximation, is not used).
+- Each layer is traced in the form ONNX Runtime runs fast (`_export_layer`; measured with
+  benchmarks/onnx_profile.py, results in benchmarks/results/onnx_profile.md). The MoE FFN runs on the
+  padded [B*T, d] activations through `kernels.export`: routing is recorded for every input (hash: a
+  table lookup from the input ids; gates: Linear → Softmax → ArgMax), padding is routed to no expert,
+  each expert gathers its rows, and one row ScatterND writes all experts' outputs back. A dense FFN
+  gathers the non-padding rows by index and scatters them back by index. (The model's own
+  `masked_scatter` exports to an element-wise NonZero + ScatterND over the [B*T, d] mask, which cost
+  more than the MoE experts did.) The experts keep the exact (erf) GELU: ONNX Runtime fuses it into
+  its `Gelu` op, so nothing is approximated (com.microsoft.MoE, whose GELU is the tanh
+  approximation, is not used).
 - Attention is traced in the explicit form softmax(QKᵀ/√d_head + (1 − mask)·(−10000))·V with constant
   head shapes, the pattern ONNX Runtime's BERT optimizer fuses into its `Attention` op. Same function as
   the model's SDPA with a boolean mask: a masked key's weight underflows to exactly 0 in fp32.
-- The example batch is padded, so the padding-skipping path of the model (gather the non-padding tokens
-  before the FFNs, scatter them back) is the one traced; it is also correct for unpadded batches.
+- The example batch is padded, so the padding-skipping path (gather the non-padding tokens before the
+  FFNs, scatter them back) is the one traced; it is also correct for unpadded batches.
 - Outputs: logits [B, C] or start_logits, end_logits [B, T]; for MoE models also expert_counts
   [num MoE layers, E], the tokens routed to each expert (padding excluded), which the server exports.
 - The router balance loss (a training signal, no graph output) needs torch.bincount, which has no ONNX
