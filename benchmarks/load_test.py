@@ -2,7 +2,9 @@
 
 Each configuration is started as its own process on a free 127.0.0.1 port, loaded, then stopped:
 - moebert-torch / moebert-onnx-fp32 / moebert-onnx-int8: this service serving the MoEBERT classifier;
-- dense-torch (and dense-onnx-int8): this service serving the dense teacher;
+- dense-torch / dense-onnx-fp32 / dense-onnx-int8: this service serving the dense teacher; each pair on
+  one backend is also reported as a "MoEBERT vs dense, same backend" row (target: MoE ≥ 1.4× req/s,
+  p99 no worse);
 - naive: a FastAPI app that calls transformers' text-classification pipeline one request at a time;
 - infinity: Infinity (`infinity_emb v2 --engine torch`) serving the same dense teacher, from its own
   virtualenv (--infinity-venv; skipped when absent). Install:
@@ -288,9 +290,10 @@ def configurations(args) -> list[tuple[str, callable]]:
 
     table = {
         "moebert-torch": ours("moebert-torch", args.moe, ["--backend", "torch"]),
-        "moebert-onnx-fp32": ours("moebert-onnx-fp32", args.moe, ["--backend", "onnx"]),
+        "moebert-onnx-fp32": ours("moebert-onnx-fp32", args.moe, ["--backend", "onnx", "--onnx-precision", "fp32"]),
         "moebert-onnx-int8": ours("moebert-onnx-int8", args.moe, ["--backend", "onnx", "--onnx-precision", "int8"]),
         "dense-torch": ours("dense-torch", args.dense, ["--backend", "torch"]),
+        "dense-onnx-fp32": ours("dense-onnx-fp32", args.dense, ["--backend", "onnx", "--onnx-precision", "fp32"]),
         "dense-onnx-int8": ours("dense-onnx-int8", args.dense, ["--backend", "onnx", "--onnx-precision", "int8"]),
         "naive": naive,
         "infinity": infinity,
@@ -354,6 +357,20 @@ def write_report(results: list[Result], args) -> None:
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or ""
         lines.append(f"| {r.config} | {r.mode} | {r.throughput} | {r.p50_ms} | {r.p95_ms} | {r.p99_ms} | {errors} |")
+    pairs = moe_vs_dense(results)
+    if pairs:
+        lines += [
+            "",
+            f"## MoEBERT vs its dense teacher, same backend (closed loop; target: ≥ {MOE_TARGET}× req/s, p99 no worse)",
+            "",
+            "| backend | load | MoE req/s | dense req/s | req/s ratio | MoE p99 ms | dense p99 ms | met |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for backend, mode, moe, dense in pairs:
+            ratio = moe.throughput / dense.throughput if dense.throughput else float("nan")
+            met = "yes" if ratio >= MOE_TARGET and moe.p99_ms <= dense.p99_ms else "**no**"
+            lines.append(f"| {backend} | {mode} | {moe.throughput} | {dense.throughput} | {ratio:.2f}× "
+                         f"| {moe.p99_ms} | {dense.p99_ms} | {met} |")  # fmt: skip
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -375,6 +392,22 @@ def write_report(results: list[Result], args) -> None:
         ax.set_xticks(range(len(closed)), labels, rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
+
+
+MOE_TARGET = 1.4  # served MoEBERT req/s over its dense teacher's, same backend and load
+
+
+def moe_vs_dense(results: list[Result]) -> list[tuple[str, str, Result, Result]]:
+    """(backend, load, MoE result, dense result) for every closed-loop load both ran on one backend."""
+    by_name = {(r.config, r.mode): r for r in results if r.mode.startswith("closed") and r.ok}
+    pairs = []
+    for (config, mode), moe in by_name.items():
+        if config.startswith("moebert-") and not config.startswith("moebert-qa"):
+            backend = config.removeprefix("moebert-")
+            dense = by_name.get((f"dense-{backend}", mode))
+            if dense is not None:
+                pairs.append((backend, mode, moe, dense))
+    return pairs
 
 
 def main(argv=None) -> int:

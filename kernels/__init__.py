@@ -10,10 +10,11 @@ import os
 
 import torch
 
+from kernels.export import moe_ffn_export
 from kernels.grouped import moe_ffn_grouped
 from kernels.reference import moe_ffn_reference
 
-BACKENDS = ("reference", "torch", "triton", "export")  # export: the reference, which traces into ONNX
+BACKENDS = ("reference", "torch", "triton", "export")  # export: the form ONNX export traces (kernels.export)
 
 
 def default_backend(device: torch.device) -> str:
@@ -60,7 +61,9 @@ def moe_ffn(
         )  # fmt: skip
     if training and dropout_p > 0.0 and torch.is_grad_enabled():
         raise ValueError(f"the {backend!r} MoE backend is for inference; train with backend 'torch'")
-    if backend in ("reference", "export"):
+    if backend == "export":
+        return moe_ffn_export(x, expert_ids, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ln_weight, ln_bias, scale, eps)
+    if backend == "reference":
         return moe_ffn_reference(
             x, expert_ids, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ln_weight, ln_bias, scale, eps
         )
@@ -71,4 +74,4 @@ def moe_ffn(
     raise ValueError(f"unknown MoE backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "default_backend", "moe_ffn", "moe_ffn_grouped", "moe_ffn_reference"]
+__all__ = ["BACKENDS", "default_backend", "moe_ffn", "moe_ffn_export", "moe_ffn_grouped", "moe_ffn_reference"]

@@ -11,9 +11,8 @@ with the exact erf GELU, as BERT uses. Shapes:
     ln_weight / ln_bias [E, d], scale [T].
 
 This file is deliberately plain: one loop over experts, no tricks. Tests compare the fast paths to it
-(usually after casting everything to float64). It is also the traceable formulation that ONNX export
-records (backend "export"): no Python control flow depends on the data, so the graph holds the routing
-itself (per expert NonZero → Gather → FFN → ScatterND; E is a weight shape, so the loop unrolls).
+(usually after casting everything to float64). ONNX export traces `kernels.export` instead, the same
+function arranged for ONNX Runtime.
 """
 
 from __future__ import annotations

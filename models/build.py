@@ -1,17 +1,20 @@
 """Package a trained checkpoint as a bundled default model, with a model card: task, data, training
 command and budget, dev metrics next to the teacher's, licence and attribution, the rebuild command.
 
-Two forms (both keep quality; the bundle must stay small):
-- `onnx-int8` (default): config, tokenizer and `onnx/model.int8.onnx` only (~25 MB). `moebert serve`
-  picks it by itself (backend auto) and it is the fastest CPU runtime. Its dev metrics must have been
-  measured first with benchmarks/onnx_quality.py (read from benchmarks/results/onnx_quality.json),
-  and the build refuses an int8 model more than 0.5 points under its fp32 self.
+Two forms (both keep quality; the bundle must stay small), and the bundle takes the one serving the
+runtime measured fastest on this model at the shapes it serves (`benchmarks/backend_speed.py --record`
+writes <student>/backend_speed.json; it ships in the bundle and `--backend auto` reads it):
+- `onnx-int8` (default): config, tokenizer and `onnx/model.int8.onnx` only (~25 MB). Its dev metrics
+  must have been measured first with benchmarks/onnx_quality.py (read from
+  benchmarks/results/onnx_quality.json), and the build refuses an int8 model more than 0.5 points under
+  its fp32 self.
 - `fp16`: fp16 safetensors (~46 MB), loaded back in fp32 for the torch backend; same dev metrics.
   The folder also carries self-contained modeling code (configuration_moebert.py, modeling_moebert.py)
   and `auto_map`, written by MoEBertPreTrainedModel.save_pretrained: it loads with transformers'
   Auto classes and `trust_remote_code=True` where this project is not installed.
 
     python benchmarks/onnx_quality.py --model runs/quality/sst2/seed0/moebert/student
+    python benchmarks/backend_speed.py --model sst2=runs/quality/sst2/seed0/moebert/student:24 --threads 2 --record
     python models/build.py sst2 runs/quality/sst2/seed0 --task sst2 --rebuild "python benchmarks/quality.py ..."
 """
 
@@ -27,6 +30,9 @@ from pathlib import Path
 import torch
 
 from moebert.loading import load_model
+from server.backends import SPEED_FILE
+
+FORM_OF = {"onnx-int8": "onnx-int8", "torch": "fp16"}  # measured fastest runtime → the bundled form serving it
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -67,6 +73,8 @@ def main() -> None:
     teacher = _metrics(run / "eval_teacher.json")
     moe = _metrics(run / args.row / "eval_moebert.json")
     metrics = {"teacher": teacher, "moebert": moe}
+    _check_speed_record(student, args.format)
+    shutil.copy(student / SPEED_FILE, tmp / SPEED_FILE)  # what `--backend auto` runs the bundle on
     if args.format == "fp16":
         model.to(torch.float16).save_pretrained(tmp)
         if args.served_eval:
@@ -92,6 +100,17 @@ def main() -> None:
     tmp.rename(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     print(f"{out}: {size:.1f} MiB")
+
+
+def _check_speed_record(student: Path, form: str) -> None:
+    """The bundle ships in the form of the runtime measured fastest on this model (backend_speed.py --record)."""
+    file = student / SPEED_FILE
+    if not file.is_file():
+        sys.exit(f"time the runtimes first: python benchmarks/backend_speed.py --model NAME={student}:TOKENS "
+                 "--threads 2 --record")  # fmt: skip
+    fastest = json.loads(file.read_text())["fastest"]
+    if FORM_OF.get(fastest) != form:
+        sys.exit(f"{file}: {fastest} measured fastest; bundle --format {FORM_OF.get(fastest, fastest)}, not {form}")
 
 
 def _metrics(path: Path) -> dict:
@@ -138,6 +157,7 @@ def card(args, config, metrics: dict) -> str:
         rebuild.append(
             shlex.join(["python", "benchmarks/onnx_quality.py", "--model", student, "--task", args.task, *length])
         )
+    rebuild.append(json.loads((Path(student) / SPEED_FILE).read_text())["command"])
     if args.served_eval:
         rebuild.append(build + ' --rebuild "..." --budget "..."')
         rebuild.append(shlex.join(["moebert", "evaluate", f"models/{args.name}", "--task", args.task, *length,

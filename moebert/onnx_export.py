@@ -1,16 +1,21 @@
 """Export a dense BERT or a MoEBERT checkpoint to ONNX for ONNX Runtime, with routing inside the graph.
 
 What the exported graph contains, and why:
-- The MoE FFNs run through the `export` kernel backend: per expert NonZero → Gather → FFN → ScatterND,
-  so that hash routing (a table lookup from the input ids) and gate routing (Linear → Softmax → ArgMax)
-  are recorded for every input, not frozen at the example's routing. The experts keep the exact (erf)
-  GELU: ONNX Runtime fuses it into its `Gelu` op, so nothing is approximated (com.microsoft.MoE, whose
-  GELU is the tanh approximation, is not used).
+- Each layer is traced in the form ONNX Runtime runs fast (`_export_layer`; measured with
+  benchmarks/onnx_profile.py, results in benchmarks/results/onnx_profile.md). The MoE FFN runs on the
+  padded [B*T, d] activations through `kernels.export`: routing is recorded for every input (hash: a
+  table lookup from the input ids; gates: Linear → Softmax → ArgMax), padding is routed to no expert,
+  each expert gathers its rows, and one row ScatterND writes all experts' outputs back. A dense FFN
+  gathers the non-padding rows by index and scatters them back by index. (The model's own
+  `masked_scatter` exports to an element-wise NonZero + ScatterND over the [B*T, d] mask, which cost
+  more than the MoE experts did.) The experts keep the exact (erf) GELU: ONNX Runtime fuses it into
+  its `Gelu` op, so nothing is approximated (com.microsoft.MoE, whose GELU is the tanh
+  approximation, is not used).
 - Attention is traced in the explicit form softmax(QKᵀ/√d_head + (1 − mask)·(−10000))·V with constant
   head shapes, the pattern ONNX Runtime's BERT optimizer fuses into its `Attention` op. Same function as
   the model's SDPA with a boolean mask: a masked key's weight underflows to exactly 0 in fp32.
-- The example batch is padded, so the padding-skipping path of the model (gather the non-padding tokens
-  before the FFNs, scatter them back) is the one traced; it is also correct for unpadded batches.
+- The example batch is padded, so the padding-skipping path (gather the non-padding tokens before the
+  FFNs, scatter them back) is the one traced; it is also correct for unpadded batches.
 - Outputs: logits [B, C] or start_logits, end_logits [B, T]; for MoE models also expert_counts
   [num MoE layers, E], the tokens routed to each expert (padding excluded), which the server exports.
 - The router balance loss (a training signal, no graph output) needs torch.bincount, which has no ONNX
@@ -40,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from moebert.loading import load_model, task_of
-from moebert.modeling import MoEBertSelfAttention, MoEFFN
+from moebert.modeling import HashRouter, MoEBertLayer, MoEBertSelfAttention, MoEFFN
 
 log = logging.getLogger("moebert.onnx")
 
@@ -68,6 +73,35 @@ def _explicit_attention(self: MoEBertSelfAttention, x: torch.Tensor, attn_mask: 
     return torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(B, T, d)
 
 
+def _export_layer(self: MoEBertLayer, x: torch.Tensor, attn_mask: torch.Tensor | None, layout):
+    """MoEBertLayer.forward in the form ONNX Runtime runs fast (see the module doc). x [B, T, d] → [B, T, d]."""
+    B, T, d = x.shape
+    attn_out = self.attention(x, attn_mask).reshape(B * T, d)
+    index = layout.token_index  # [N] non-padding positions, or None (no padding)
+    if self.moe is None:
+        tokens = attn_out if index is None else attn_out.index_select(0, index)  # [N, d]
+        y = self.output(F.gelu(self.intermediate.dense(tokens)), tokens)
+        y = y if index is None else attn_out.index_put((index,), y)  # one row scatter
+        return y.view(B, T, d), None
+    from kernels import moe_ffn_export
+
+    moe = self.moe
+    E = moe.fc1_weight.shape[0]
+    gated = not isinstance(moe.router, HashRouter)  # hash routing reads only the ids: no gather for it
+    tokens = attn_out if index is None or not gated else attn_out.index_select(0, index)
+    routing = moe.router(tokens, layout)  # expert ids [N]
+    expert_ids, scale = routing.expert_ids, routing.scale
+    if index is not None:  # back to [B*T]; padding gets expert E, which no expert serves: it passes through
+        expert_ids = torch.full((B * T,), E, dtype=expert_ids.dtype).index_put((index,), expert_ids)
+        if scale is not None:
+            scale = torch.ones(B * T, dtype=scale.dtype).index_put((index,), scale)
+    y = moe_ffn_export(
+        attn_out, expert_ids, moe.fc1_weight, moe.fc1_bias, moe.fc2_weight, moe.fc2_bias, moe.ln_weight,
+        moe.ln_bias, scale, moe.eps,
+    )  # fmt: skip
+    return y.view(B, T, d), routing
+
+
 def _bincount(x: torch.Tensor, weights=None, minlength: int = 0) -> torch.Tensor:
     """torch.bincount for the model's uses (ids known to be < minlength), as an exportable scatter-add."""
     if weights is not None:
@@ -88,16 +122,19 @@ def export_mode(model):
     """The model as it is exported: export MoE backend, fusable attention, exportable bincount; restored after."""
     backend = model.config.moe_backend
     attentions = [m for m in model.modules() if isinstance(m, MoEBertSelfAttention)]
+    layers = [m for m in model.modules() if isinstance(m, MoEBertLayer)]
     original_bincount, original_index_add = torch.bincount, torch.Tensor.index_add
     model.set_moe_backend("export")
     for m in attentions:
         m.forward = types.MethodType(_explicit_attention, m)
+    for m in layers:
+        m.forward = types.MethodType(_export_layer, m)
     torch.bincount, torch.Tensor.index_add = _bincount, _index_add
     try:
         yield model
     finally:
         torch.bincount, torch.Tensor.index_add = original_bincount, original_index_add
-        for m in attentions:
+        for m in attentions + layers:
             del m.forward  # back to the class's method
         model.set_moe_backend(backend)
 

@@ -8,6 +8,7 @@ Inputs: input_ids, attention_mask, token_type_ids [B, T] int64. Outputs: `logits
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,10 @@ log = logging.getLogger("moebert.server")
 
 ONNX_DIR = "onnx"
 ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+# Per checkpoint: the CPU runtimes timed on it at the shapes it serves, and the fastest (written by
+# `python benchmarks/backend_speed.py --record`); what `--backend auto` runs.
+SPEED_FILE = "backend_speed.json"
+RUNTIMES = {"torch": ("torch", "fp32"), "onnx-fp32": ("onnx", "fp32"), "onnx-int8": ("onnx", "int8")}
 
 
 class Backend(Protocol):
@@ -153,17 +158,43 @@ def _missing_export(path: str | Path, precision: str) -> str:
     )
 
 
+def measured_fastest(path: str | Path) -> str | None:
+    """The fastest CPU runtime recorded in <checkpoint>/backend_speed.json ("torch", "onnx-fp32",
+    "onnx-int8"), or None when the checkpoint has no such measurement (or an unreadable one)."""
+    file = Path(path) / SPEED_FILE
+    if not file.is_file():
+        return None
+    try:
+        fastest = json.loads(file.read_text())["fastest"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s: unreadable (%s); ignoring it", file, err)
+        return None
+    if fastest not in RUNTIMES:
+        log.warning("%s: unknown runtime %r; ignoring it", file, fastest)
+        return None
+    return fastest
+
+
 def resolve_backend(path: str | Path, backend: str, precision: str, device: str) -> tuple[str, str]:
     """("torch" | "onnx", "fp32" | "int8") for one model, after checking that the files this runtime
-    needs are there (FileNotFoundError, saying what to do, if not). `auto` picks, on CPU, the model's
-    int8 ONNX export, then its fp32 one, then torch: the fastest CPU runtime that was exported for it
-    (exporting with --quantize is where int8 is checked against fp32). On CUDA, auto is torch (Triton) where the
-    folder has torch weights, else its ONNX export."""
+    needs are there (FileNotFoundError, saying what to do, if not). `auto` on CPU runs the runtime that
+    the checkpoint's backend_speed.json measured fastest at the shapes it serves (when its files are
+    there); without a measurement, its int8 ONNX export, then its fp32 one, then torch. On CUDA, auto
+    is torch (Triton) where the folder has torch weights, else its ONNX export."""
     exported = [p for p in ONNX_FILES if onnx_file(path, p).is_file()]
     weights = ("model.safetensors", "model.safetensors.index.json")
     has_weights = any((Path(path) / name).is_file() for name in weights)
+    if backend == "auto" and device == "cpu":
+        available = (["torch"] if has_weights else []) + [f"onnx-{p}" for p in exported]
+        fastest = measured_fastest(path)
+        if fastest in available:
+            backend, measured = RUNTIMES[fastest]
+            precision = measured if precision == "auto" else precision
+        elif exported:
+            backend = "onnx"
+            log.info("%s: no %s measurement of its runtimes; auto takes its ONNX export", path, SPEED_FILE)
     if backend == "auto":  # on CUDA an export-only folder (a bundled model) still serves, through ONNX Runtime
-        backend = "onnx" if exported and (device == "cpu" or not has_weights) else "torch"
+        backend = "onnx" if exported and not has_weights else "torch"
     if precision == "auto":
         precision = "int8" if backend == "onnx" and "int8" in exported else "fp32"
     if backend == "onnx" and precision not in exported:

