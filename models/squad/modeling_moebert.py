@@ -266,7 +266,8 @@ class TokenLayout:
     Padded (padded=True): N = B*T, valid [B*T] bool always given (the weight of each token in pooling,
     balance loss and expert counts); the FFNs see every token and the layer keeps the attention output at
     padding, as the packed layout does.
-    attention_mask [B, T] bool.
+    attention_mask [B, T] bool; token_index [N] (packed: where each token sits in B*T; the ONNX export
+    gathers and scatters rows by it) or None.
     """
 
     valid: torch.Tensor | None
@@ -274,6 +275,7 @@ class TokenLayout:
     seq_index: torch.Tensor
     attention_mask: torch.Tensor
     batch_size: int
+    token_index: torch.Tensor | None = None
     padded: bool = False
 
     def token_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -630,6 +632,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
             seq_index=seq_index[valid] if padded else seq_index,
             attention_mask=attention_mask,
             batch_size=B,
+            token_index=valid.nonzero().squeeze(-1) if padded else None,
         )
         attn_mask = attention_mask[:, None, None, :] if padded else None  # [B, 1, 1, T]
         return layout, attn_mask
