@@ -21,19 +21,20 @@ pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists() and shutil.which("to
                                 reason="torchrun not installed")  # fmt: skip
 
 
-def run_torchrun(launch: list[str], out: Path) -> None:
+def run_torchrun(launch: list[str], out: Path, program: list[str] | None = None, timeout_s: int = 180) -> None:
+    """2 processes under torchrun: `program` (default tests/ddp_worker.py writing into `out`)."""
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent.parent)}
     # Own process group, so that a hang kills torchrun and both workers, not torchrun alone.
     proc = subprocess.Popen(
-        [TORCHRUN, *launch, "--nproc_per_node", "2", str(worker), str(out)],
+        [TORCHRUN, *launch, "--nproc_per_node", "2", *(program or [str(worker), str(out)])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        _, stderr = proc.communicate(timeout=180)
+        _, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("torchrun did not finish in 180 s")
+        pytest.fail(f"torchrun did not finish in {timeout_s} s")
     assert proc.returncode == 0, stderr[-3000:]
 
 
@@ -63,14 +64,9 @@ def test_multinode_launch_with_a_rendezvous_endpoint(tmp_path):
     assert all(e["MASTER_ADDR"] and e["MASTER_PORT"] for e in envs)
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-    reason="torchrun not installed",
-)
 def test_pipeline_under_torchrun(tiny_cls_dir, custom_data, tmp_path):
     """Every stage under 2 gloo ranks: rank 0 scores importance and converts while rank 1 waits, both train,
     rank 0 evaluates; the run folder ends as a single-process run leaves it."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     train, dev = custom_data
     out = tmp_path / "run"
     args = [
@@ -78,17 +74,7 @@ def test_pipeline_under_torchrun(tiny_cls_dir, custom_data, tmp_path):
         "--teacher", str(tiny_cls_dir), "--finetune-epochs", "1", "--epochs", "1", "--batch-size", "4",
         "--samples", "8", "--expert-dim", "21", "--shared-dim", "7", "--max-length", "32",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.Popen(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "moebert.cli", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("torchrun pipeline did not finish in 300 s")
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(["--standalone"], out, ["-m", "moebert.cli", *args], timeout_s=300)
     for stage in ("teacher", "moe", "student"):
         assert (out / stage / "stage.json").is_file() and (out / stage / "config.json").is_file()
     assert (out / "importance.safetensors").is_file() and (out / "results.json").is_file()
