@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -52,8 +53,15 @@ class ServerState:
         self.settings = settings
         self.metrics = Metrics()
         self.registry = Registry()
-        # One inference thread for every model: on CPU, two models at once only fight for the cores.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # One inference thread for every model: on CPU, two models at once only fight for the cores. It
+        # loads the models too, so the thread pools the backends start (OpenMP, ONNX Runtime) are its
+        # children and share its lower priority: the event loop keeps answering while they use every core.
+        self.executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="inference",
+            initializer=_lower_priority,
+            initargs=(settings.inference_nice,),
+        )
         # One tokenizer thread: a transformers tokenizer keeps its truncation settings in its Rust backend,
         # so two threads windowing at once flip each other's settings (and windows come out too long).
         self.tokenizer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -129,6 +137,18 @@ class ServerState:
         # Tokenization not started yet is for requests nobody waits for any more: not run (a backlog of
         # long contexts must not hold up the exit).
         self.tokenizer_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by `nice` (Linux: nice is per thread, and threads it starts
+    inherit it); elsewhere, or where not permitted, a no-op."""
+    import os
+
+    if nice and sys.platform == "linux":
+        try:
+            os.nice(nice)
+        except OSError as err:
+            log.warning("could not lower the inference threads' priority: %s", err)
 
 
 def _terminate_self() -> None:

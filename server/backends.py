@@ -128,7 +128,7 @@ class OnnxBackend:
         if not file.is_file():
             raise FileNotFoundError(_missing_export(path, precision))
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # No spin-waiting between runs: the cores are shared with the event loop (and, on a small box, with
@@ -205,12 +205,23 @@ def resolve_backend(path: str | Path, backend: str, precision: str, device: str)
     return backend, precision
 
 
+def default_threads() -> int:
+    """Intra-op threads when none are set: every core this process may use but one (at least 1). The spare
+    core is for the event loop and tokenization: when they preempt an inference thread, its whole OpenMP
+    team stalls at the next barrier. Measured on 2 cores under a storm of 429s (benchmarks/soak.py): with
+    both cores, long-QA batches ran 2-3× slower than alone and classify rows waited 1.5-2.2 s behind them;
+    with one, classify waited ≤ 0.3 s and long QA no longer timed out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def make_backend(
     path: str, backend: str, precision: str, device: str, threads: int | None, dtype: str = "auto",
     graph_buckets: list[tuple[int, int]] | None = None,
 ) -> Backend:  # fmt: skip
     """dtype and graph_buckets (CUDA graphs) apply to the torch backend."""
     backend, precision = resolve_backend(path, backend, precision, device)
+    threads = threads or default_threads()
     if backend == "onnx":
         return OnnxBackend(path, precision, device, threads)
     return TorchBackend(path, device, threads, dtype, graph_buckets)

@@ -12,9 +12,12 @@ Why these choices:
 - Padded lengths are rounded up to a few buckets (`bucket_length`), so the model sees a bounded set of
   shapes: every new shape costs oneDNN a primitive and glibc fresh, differently sized buffers, and an
   unbounded set of shapes grew the resident memory without bound (see server/memory.py).
-- Admission is by estimated wait: each model learns its seconds per padded token from the batches it
-  runs; a request whose rows would wait longer than `max_queue_wait_s` gets a fast 429, and a row still
-  queued past its request's deadline is dropped (504) before it is computed.
+- Admission is by estimated time to answer: each model learns its seconds per padded token from the
+  batches it runs; a request whose own work plus the work ahead of it (queued, running, admitted and
+  still tokenizing) would take longer than `max_queue_wait_s` gets a fast 429, unless nothing waits (a
+  big request on a quiet server still runs). Work is counted in padded tokens (rows rounded up to their
+  length bucket), the unit the cost is learned in. A row still queued past its request's deadline is
+  dropped (504) before it is computed.
 - Rows whose request went away (client disconnected, cancelled) are dropped before they run.
 """
 
@@ -57,6 +60,11 @@ class Row:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float = float("inf")
+
+    @property
+    def cost(self) -> int:
+        """Padded tokens this row adds to a batch (its length rounded up to its bucket)."""
+        return bucket_length(len(self.input_ids))
 
 
 @dataclass
@@ -208,18 +216,31 @@ class Batcher:
     # -- requests side ---------------------------------------------------------------------------
 
     def estimated_wait_s(self, extra_tokens: int = 0) -> float:
-        """Model time until `extra_tokens` more would be done: this model's backlog, times the number of
-        models taking turns (each gets one bounded batch per round)."""
+        """Model time until `extra_tokens` more padded tokens would be done: this model's backlog, times the
+        number of models taking turns (each gets one bounded batch per round)."""
         if self.s_per_token is None:
             return 0.0
         backlog = self._queued_tokens + self._running_tokens + self._reserved_tokens + extra_tokens
         return backlog * self.s_per_token * max(1, self._scheduler.busy_models())
 
     def admit(self, rows: int, tokens: int) -> None:
-        """Raise (413/429/503) unless `rows` rows could be queued now: cheap, and called before the expensive
-        work (QA windowing), then by submit with the true row count. 429 when the estimated model time of
-        the work ahead (queued, running, reserved) is over max_queue_wait_s; `tokens` (this request's own
-        work) does not count, so a big request on a quiet server still runs."""
+        """Raise (413/429/503) unless `rows` rows (`tokens` padded tokens) could be queued now: cheap, so
+        called before the expensive work (QA windowing) with an estimate (reserve), or by submit.
+        429 when the estimated time to answer it, the work ahead (queued, running, reserved) plus its own,
+        is over max_queue_wait_s while anything waits: accepted work then finishes well inside its deadline,
+        and a big request on a quiet server still runs."""
+        waiting = self._check_rows(rows)
+        if not waiting:  # nothing ahead of it: even a big request runs
+            return
+        wait = self.estimated_wait_s(tokens)
+        if wait > self.max_queue_wait_s:
+            raise Overloaded(
+                f"model {self.model_name!r} is busy: about {wait:.1f} s until this request would be answered "
+                f"(limit {self.max_queue_wait_s:g} s)"
+            )
+
+    def _check_rows(self, rows: int) -> int:
+        """The hard limits (shutting down, the row cap): raise 503/413/429; → rows waiting ahead."""
         if self._closing:
             raise Unavailable("the server is shutting down")
         if rows > self.max_queue:
@@ -230,12 +251,7 @@ class Batcher:
         waiting = self.depth + self._reserved_rows
         if waiting + rows > self.max_queue:
             raise Overloaded(f"model {self.model_name!r} has {waiting} rows waiting (limit {self.max_queue})")
-        wait = self.estimated_wait_s()  # the work ahead of it, not its own: a big request alone still runs
-        if waiting and wait > self.max_queue_wait_s:
-            raise Overloaded(
-                f"model {self.model_name!r} is busy: about {wait:.1f} s of queued work "
-                f"(limit {self.max_queue_wait_s:g} s)"
-            )
+        return waiting
 
     @contextmanager
     def reserve(self, rows: int, tokens: int) -> Iterator[None]:
@@ -251,23 +267,28 @@ class Batcher:
             self._reserved_tokens -= tokens
 
     def submit(
-        self, encoded: list[tuple[list[int], list[int]]], deadline: float = float("inf")
+        self, encoded: list[tuple[list[int], list[int]]], deadline: float = float("inf"), *, reserved: bool = False
     ) -> list[asyncio.Future]:
-        """Queue (input_ids, token_type_ids) rows; all or none. deadline: perf_counter time."""
+        """Queue (input_ids, token_type_ids) rows; all or none. deadline: perf_counter time. reserved: the
+        request was admitted by reserve() (its room held while it tokenized), so only the hard limits are
+        checked again: a request is not refused for its time estimate after its tokenization was paid for."""
         for ids, _ in encoded:  # the model's position table ends here: a longer row would crash it
             if len(ids) > self.max_row_len:
                 raise PayloadTooLarge(
                     f"a row of {len(ids)} tokens is over model {self.model_name!r}'s limit of {self.max_row_len}"
                 )
-        self.admit(len(encoded), sum(len(ids) for ids, _ in encoded))
+        if reserved:
+            self._check_rows(len(encoded))
+        else:
+            self.admit(len(encoded), sum(bucket_length(len(ids)) for ids, _ in encoded))
         loop = asyncio.get_running_loop()
         futures = []
         now = time.perf_counter()
         for ids, types in encoded:
-            future = loop.create_future()
-            self._pending.append(Row(ids, types, future, now, deadline))
-            self._queued_tokens += len(ids)
-            futures.append(future)
+            row = Row(ids, types, loop.create_future(), now, deadline)
+            self._pending.append(row)
+            self._queued_tokens += row.cost
+            futures.append(row.future)
         self._depth.set(self.depth)
         self._scheduler.wake()
         return futures
@@ -314,7 +335,7 @@ class Batcher:
             alive.append(row)
         if len(alive) != len(self._pending):
             self._pending = alive
-            self._queued_tokens = sum(len(r.input_ids) for r in alive)
+            self._queued_tokens = sum(r.cost for r in alive)
             self._depth.set(self.depth)
         if expired:
             self._metrics.failures.labels("deadline_dropped").inc(expired)
@@ -340,7 +361,7 @@ class Batcher:
         batch = take_batch(list(self._pending), self.batch_token_budget(), self.max_batch_requests)
         taken = set(map(id, batch))
         self._pending = deque(r for r in self._pending if id(r) not in taken)
-        tokens = sum(len(r.input_ids) for r in batch)
+        tokens = sum(r.cost for r in batch)
         self._queued_tokens -= tokens
         self._running_rows, self._running_tokens = len(batch), tokens
         try:

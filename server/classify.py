@@ -7,6 +7,7 @@ import time
 import numpy as np
 from fastapi import Request
 
+from server.batching import bucket_length
 from server.handling import Timings, check_count, check_text, wait_for_rows
 from server.registry import ServedModel
 from server.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, LabelScore, TextPair, Usage
@@ -66,7 +67,8 @@ async def classify(
     items = normalize_inputs(req.inputs)
     check_count(len(items), state.settings.max_inputs, "inputs")
     chars = sum(len(a) + len(b or "") for a, b in items)
-    estimated = min(chars // 3 + 2 * len(items), len(items) * model.max_seq_len)
+    # Padded tokens, before tokenizing: ~1 token per 3 characters (erring high), 3 special tokens.
+    estimated = sum(min(bucket_length((len(a) + len(b or "")) // 3 + 3), model.max_seq_len) for a, b in items)
     t0 = time.perf_counter()
     with model.batcher.reserve(len(items), estimated):  # cheap and early: 429 before tokenizing
         if chars > INLINE_CHARS:  # long texts take a while to tokenize: off the event loop
@@ -74,7 +76,7 @@ async def classify(
         else:
             rows = model.encode(items, req.truncate)
     timings.tokenization_s = time.perf_counter() - t0
-    futures = model.batcher.submit(rows, timings.deadline)
+    futures = model.batcher.submit(rows, timings.deadline, reserved=True)
     results = await wait_for_rows(request, futures, timings)
     tokens = sum(len(ids) for ids, _ in rows)
     response = ClassifyResponse(

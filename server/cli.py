@@ -37,7 +37,11 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
             "(default on; --no-cuda-graphs: eager)",
         },
     ),
-    ("--threads", {"type": int, "help": "intra-op threads (default: all cores)"}),
+    ("--threads", {"type": int, "help": "intra-op threads (default: all cores but one, left to the event loop)"}),
+    (
+        "--inference-nice",
+        {"type": int, "help": "inference threads' CPU priority below the event loop's, 0-19 (default 10)"},
+    ),
     ("--host", {"help": "address to listen on (default 127.0.0.1; 0.0.0.0 in a container)"}),
     ("--port", {"type": int, "help": "port (default 8000)"}),
     ("--api-key", {"help": "require `Authorization: Bearer KEY` on /v1/*"}),
@@ -58,7 +62,7 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
         {
             "type": float,
             "help": "deadline per request (default 10): rows not computed by then are dropped (504); "
-            "a request whose estimated queue wait is over half of it gets 429",
+            "a request whose estimated time to answer is over half of it gets 429",
         },
     ),
     ("--max-inputs", {"type": int, "help": "inputs per request (default 64)"}),

@@ -27,6 +27,9 @@ _LOGGED_BODY_BYTES = 1 << 16  # responses larger than this are logged without mo
 access_log = logging.getLogger("moebert.access")
 
 
+TOTAL_TIME_HEADER = b"x-total-time-ms"
+
+
 def request_id_of(scope) -> str:
     """The id RequestContext gave this request."""
     return scope.get("state", {}).get("request_id", "")
@@ -52,6 +55,8 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k != REQUEST_ID_HEADER]
                 headers.append((REQUEST_ID_HEADER, request_id.encode()))
+                if not any(k == TOTAL_TIME_HEADER for k, _ in headers):  # errors too (a 429's own time)
+                    headers.append((TOTAL_TIME_HEADER, f"{(time.perf_counter() - started) * 1000:.2f}".encode()))
                 message = {**message, "headers": headers}
                 response["status"] = message["status"]
                 if self.log_requests:

@@ -10,6 +10,7 @@ import numpy as np
 from fastapi import Request
 
 from moebert.qa import decode_answers, make_windows_batch
+from server.batching import bucket_length
 from server.errors import InvalidInput, PayloadTooLarge
 from server.handling import Timings, check_count, check_text, wait_for_rows
 from server.registry import ServedModel
@@ -36,6 +37,22 @@ def pairs_of(req: QARequest) -> list[tuple[str, str]]:
     return pairs
 
 
+def estimated_qa_tokens(pairs: list[tuple[str, str]], max_seq_len: int, doc_stride: int, max_question_len: int) -> int:
+    """Padded tokens the pairs' windows will take, from their lengths in characters (before tokenizing, so
+    admission stays cheap): ~4 characters per token, windows of max_seq_len overlapping by doc_stride."""
+    total = 0
+    for question, context in pairs:
+        q = min(len(question) // 4 + 1, max_question_len)
+        c = len(context) // 4 + 1
+        room = max(1, max_seq_len - q - 3)  # context tokens per window
+        if c <= room:
+            total += min(bucket_length(q + c + 3), max_seq_len)
+        else:
+            step = max(1, room - doc_stride)
+            total += (1 + -(-(c - room) // step)) * max_seq_len
+    return total
+
+
 def pad_rows(rows: list[np.ndarray]) -> np.ndarray:
     """Per-window logits [n_w] → [W, max n_w]; decode_answers ignores positions past a window's length."""
     out = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.float32)
@@ -60,7 +77,10 @@ async def answer(req: QARequest, request: Request, model: ServedModel, state) ->
             f"the questions and contexts have {chars} characters; the limit is {settings.max_qa_chars} per request "
             "(send shorter contexts or fewer pairs)"
         )
-    estimated = min(chars // 3 + len(pairs), settings.max_qa_windows * max_seq_len)
+    estimated = min(
+        estimated_qa_tokens(pairs, max_seq_len, req.doc_stride, req.max_question_len),
+        settings.max_qa_windows * max_seq_len,
+    )
     t0 = time.perf_counter()
     try:
         with model.batcher.reserve(len(pairs), estimated):
@@ -81,7 +101,7 @@ async def answer(req: QARequest, request: Request, model: ServedModel, state) ->
     longest = max(len(ids) for ids, _ in rows)
     if longest > max_seq_len:  # the windowing broke its contract: never let it reach the model
         raise RuntimeError(f"QA windowing made a window of {longest} tokens (max_seq_len {max_seq_len})")
-    results = await wait_for_rows(request, model.batcher.submit(rows, timings.deadline), timings)
+    results = await wait_for_rows(request, model.batcher.submit(rows, timings.deadline, reserved=True), timings)
     out, k = [], 0
     for (_, context), pair_windows in zip(pairs, windows, strict=True):
         mine = results[k : k + len(pair_windows)]

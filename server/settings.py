@@ -72,7 +72,14 @@ class ServerSettings(OperationsSettings):
         description="torch backend on CUDA: capture one CUDA graph per (rows, tokens) bucket at start-up and "
         "replay it for every batch (false: eager)",
     )
-    threads: int | None = Field(None, ge=1, le=256, description="intra-op threads (default: all cores)")
+    threads: int | None = Field(
+        None, ge=1, le=256, description="intra-op threads (default: all cores but one, left to the event loop)"
+    )
+    inference_nice: int = Field(
+        10, ge=0, le=19,
+        description="CPU priority of the inference threads below the event loop's (Linux nice, per thread): "
+        "a model using every core must not delay 429s, health checks or the next request's tokenization",
+    )  # fmt: skip
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: SecretStr | None = Field(None, description="when set, /v1/* needs `Authorization: Bearer KEY`")
@@ -90,7 +97,7 @@ class ServerSettings(OperationsSettings):
     request_timeout_s: float = Field(
         10.0, gt=0.0, le=3600.0,
         description="deadline per request: work not computed by then is dropped (504); admission refuses (429) "
-        "work whose estimated queue wait exceeds half of it",
+        "work whose estimated time to answer (the work ahead plus its own) exceeds half of it",
     )  # fmt: skip
 
     # Request limits

