@@ -71,6 +71,7 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--max-qa-windows", {"type": int, "help": "QA windows per request (default 64)"}),
     ("--max-qa-chars", {"type": int, "help": "characters per QA request, 413 before tokenizing (default 100000)"}),
     ("--header-timeout-s", {"type": float, "help": "time a client has to send a request's headers (default 10)"}),
+    ("--keep-alive-timeout-s", {"type": float, "help": "idle kept-alive connections close after this (default 65)"}),
     ("--body-timeout-s", {"type": float, "help": "time a client has to send a request's body, else 408 (default 30)"}),
     (
         "--drain-timeout-s",
@@ -199,7 +200,7 @@ def run_serve(args: argparse.Namespace) -> None:
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
         # A backstop: the app answers everything by drain_timeout_s, then a running batch finishes.
         timeout_graceful_shutdown=settings.drain_timeout_s + 5, server_header=False,
-        http=protocol_with_header_timeout(settings.header_timeout_s),
+        http=protocol_with_header_timeout(settings.header_timeout_s), timeout_keep_alive=settings.keep_alive_timeout_s,
     )  # fmt: skip
     server = DrainingServer(config)
     state.on_fatal = lambda: setattr(server, "should_exit", True)

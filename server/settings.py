@@ -111,6 +111,12 @@ class ServerSettings(OperationsSettings):
 
     # Slow clients
     header_timeout_s: float = Field(10.0, gt=0.0, description="time to send a request's headers (else closed)")
+    keep_alive_timeout_s: float = Field(
+        65.0, gt=0.0,
+        description="how long an idle kept-alive connection stays open: longer than clients' and load balancers' "
+        "own idle timeouts (httpx 5 s, AWS ALB 60 s), so that they close it first; a server closing it as a "
+        "client reuses it makes that client's request fail",
+    )  # fmt: skip
     body_timeout_s: float = Field(30.0, gt=0.0, description="time to send a request's body (else 408)")
 
     # Lifecycle

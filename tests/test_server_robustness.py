@@ -424,6 +424,24 @@ def test_slow_headers_and_bodies_are_cut_off(strict_server):
     assert httpx.get(strict_server.url + "/health/ready").status_code == 200  # and the server is fine
 
 
+def test_idle_kept_alive_connections_outlive_the_clients_pool_timeout(server):
+    """An idle kept-alive connection stays open longer than clients keep theirs (httpx: 5 s), so a client
+    reusing it is never cut off mid-request (with uvicorn's 5 s default, the two closed it at the same time
+    and a request in a soak failed with a ReadError)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = json.dumps({"inputs": "a fine film"})
+    for pause in (0.0, 6.0):
+        time.sleep(pause)
+        conn.request("POST", "/v1/classify", body, {"content-type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+    assert conn.sock is not None  # the same socket both times: http.client reconnects only when closed
+    conn.close()
+
+
 # --------------------------------------------------------------------------------------------------
 # 10. Metrics
 
