@@ -229,11 +229,12 @@ class Guard:
                 try:
                     size = int(value)
                 except ValueError:
-                    return self._error(400, "bad_request", "invalid Content-Length")
-                if size > settings.max_request_bytes:
+                    return self._error(400, "bad_request", "invalid Content-Length", {"Connection": "close"})
+                if size > settings.max_request_bytes:  # closed after the answer: its body is not worth reading
                     return self._error(
-                        413, "payload_too_large", f"body of {size} bytes; the limit is {settings.max_request_bytes}"
-                    )
+                        413, "payload_too_large", f"body of {size} bytes; the limit is {settings.max_request_bytes}",
+                        {"Connection": "close"},
+                    )  # fmt: skip
         return None
 
     def _error(self, status: int, type_: str, message: str, headers: dict | None = None) -> Response:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 
 import httpx
 import numpy as np
@@ -440,6 +441,28 @@ def test_idle_kept_alive_connections_outlive_the_clients_pool_timeout(server):
         assert response.status == 200
     assert conn.sock is not None  # the same socket both times: http.client reconnects only when closed
     conn.close()
+
+
+def test_an_oversized_body_gets_413_and_a_closed_connection(server):
+    """A Content-Length over the limit is answered 413 at once and the connection closed: the client, still
+    sending, reads the error and the end of the connection (before, the connection was kept alive and the
+    server read the whole oversized body to throw it away; this read then timed out)."""
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {4 << 20}\r\n\r\n"
+    ).encode()
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        s.sendall(head + b'{"inputs": "')
+        s.recv(1, socket.MSG_PEEK)  # the 413 has arrived
+        time.sleep(0.1)
+        with suppress(OSError):
+            s.sendall(b"a" * (256 << 10))  # the client is still sending its body, as clients do
+        time.sleep(0.2)
+        answer = b""
+        while data := s.recv(65536):
+            answer += data
+        s.close()
+        assert b" 413 " in answer.split(b"\r\n")[0] and b"payload_too_large" in answer, answer
 
 
 # --------------------------------------------------------------------------------------------------
