@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -144,8 +145,6 @@ class ServerState:
 def _lower_priority(nice: int) -> None:
     """Lower the calling thread's CPU priority by `nice` (Linux: nice is per thread, and threads it starts
     inherit it); elsewhere, or where not permitted, a no-op."""
-    import os
-
     if nice and sys.platform == "linux":
         try:
             os.nice(nice)
@@ -154,7 +153,6 @@ def _lower_priority(nice: int) -> None:
 
 
 def _terminate_self() -> None:
-    import os
     import signal
 
     os.kill(os.getpid(), signal.SIGTERM)

@@ -277,21 +277,18 @@ class Batcher:
                 raise PayloadTooLarge(
                     f"a row of {len(ids)} tokens is over model {self.model_name!r}'s limit of {self.max_row_len}"
                 )
-        if reserved:
-            self._check_rows(len(encoded))
-        else:
-            self.admit(len(encoded), sum(bucket_length(len(ids)) for ids, _ in encoded))
         loop = asyncio.get_running_loop()
-        futures = []
         now = time.perf_counter()
-        for ids, types in encoded:
-            row = Row(ids, types, loop.create_future(), now, deadline)
-            self._pending.append(row)
-            self._queued_tokens += row.cost
-            futures.append(row.future)
+        rows = [Row(ids, types, loop.create_future(), now, deadline) for ids, types in encoded]
+        if reserved:
+            self._check_rows(len(rows))
+        else:
+            self.admit(len(rows), sum(row.cost for row in rows))
+        self._pending.extend(rows)
+        self._queued_tokens += sum(row.cost for row in rows)
         self._depth.set(self.depth)
         self._scheduler.wake()
-        return futures
+        return [row.future for row in rows]
 
     @property
     def depth(self) -> int:
