@@ -11,8 +11,8 @@ import time
 import httpx
 import ray
 from ray import serve
+from server_process import free_port
 
-from server.process import free_port
 from server.ray_serve import build_app
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "unflinchingly bleak and desperate"]

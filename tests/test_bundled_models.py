@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_process import ServerProcess
 
-from server.process import ServerProcess
 from training.metrics import squad_exact
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

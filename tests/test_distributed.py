@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from server.process import free_port
+from server_process import free_port
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists() and shutil.which("torchrun") is None,

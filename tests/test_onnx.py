@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from server_process import ServerProcess
 
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
 from moebert.onnx_export import example_batch, export_onnx, max_deviation
 from server.backends import OnnxBackend
-from server.process import ServerProcess
 
 FP32_ATOL = 1e-5  # measured ≤ 1e-7 on these models; ORT fuses attention and GELU (exact erf) differently
 INT8_ATOL = 0.25  # dynamic int8 on a random tiny model: a loose bound that still catches a broken graph

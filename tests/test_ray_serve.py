@@ -77,7 +77,8 @@ def test_replica_app_fails_its_startup_instead_of_killing_the_worker(tmp_path):
 def test_ray_serve_deploys_answers_and_shuts_down():
     # Ray's session folder holds AF_UNIX sockets (paths ≤ 107 bytes): a short folder, not pytest's tmp_path.
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
+    pythonpath = os.pathsep.join([str(REPO), str(REPO / "benchmarks")])  # the driver imports server_process
+    env = {**os.environ, "PYTHONPATH": pythonpath, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
            "RAY_TMPDIR": ray_tmp}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.ray_serve_driver", MODELS], cwd=REPO, env=env, text=True,

@@ -14,10 +14,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from server_process import ServerProcess
 
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
-from server.process import ServerProcess
 
 TEXTS = [
     "a gorgeous, witty, seductive movie.",

@@ -10,11 +10,11 @@ import re
 import httpx
 import numpy as np
 import pytest
+from server_process import ServerProcess
 from transformers import AutoTokenizer
 
 from moebert.convert import ConvertConfig, convert
 from server.app import create_app
-from server.process import ServerProcess
 from server.settings import ServerSettings
 from tests.test_server import reference_scores
 

@@ -8,6 +8,7 @@ import asyncio
 import httpx
 import pytest
 import torch
+from server_process import ServerProcess
 from test_qa import LONG, QUESTION, SHORT, reference_answers
 from test_server import assert_error
 from transformers import AutoTokenizer, BertForQuestionAnswering
@@ -15,7 +16,6 @@ from transformers import AutoTokenizer, BertForQuestionAnswering
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
 from moebert.qa import decode_answers, make_windows
-from server.process import ServerProcess
 
 OPTS = {"max_seq_len": 64, "doc_stride": 16}  # the tiny model has 64 positions: LONG needs several windows
 

@@ -18,10 +18,9 @@ from contextlib import suppress
 import httpx
 import numpy as np
 import pytest
+from server_process import ServerProcess
 from test_qa import LONG, QUESTION
 from test_server import assert_error, metric_values
-
-from server.process import ServerProcess
 
 AUTH = {"Authorization": "Bearer s3cret"}
 
