@@ -27,7 +27,7 @@ class ServerProcess:
     def __init__(self, models: dict[str, str | Path], *flags: str, env: dict[str, str] | None = None, log=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "moebert.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1"]
+        args = [sys.executable, "-m", "moebert_cli", "serve", "--port", str(self.port), "--host", "127.0.0.1"]
         for name, path in models.items():
             args += ["--model", f"{name}={path}"]
         self.args = [*args, *flags]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moebert  # noqa: F401
-from moebert.cli import main
+from moebert_cli import main
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
 from moebert.splitting import expert_neurons, load_importance, neuron_order, save_importance

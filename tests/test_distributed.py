@@ -73,7 +73,7 @@ def test_pipeline_under_torchrun(tiny_cls_dir, custom_data, tmp_path):
         "--teacher", str(tiny_cls_dir), "--finetune-epochs", "1", "--epochs", "1", "--batch-size", "4",
         "--samples", "8", "--expert-dim", "21", "--shared-dim", "7", "--max-length", "32",
     ]  # fmt: skip
-    run_torchrun(["--standalone"], out, ["-m", "moebert.cli", *args], timeout_s=300)
+    run_torchrun(["--standalone"], out, ["-m", "moebert_cli", *args], timeout_s=300)
     for stage in ("teacher", "moe", "student"):
         assert (out / stage / "stage.json").is_file() and (out / stage / "config.json").is_file()
     assert (out / "importance.safetensors").is_file() and (out / "results.json").is_file()

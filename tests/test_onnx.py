@@ -90,11 +90,11 @@ def test_export_cli_writes_where_serve_looks(checkpoints, tmp_path):
     import sys
 
     model = shutil.copytree(checkpoints["cls-dense"], tmp_path / "m")
-    run = subprocess.run([sys.executable, "-m", "moebert.cli", "export-onnx", str(model), "--quantize"],
+    run = subprocess.run([sys.executable, "-m", "moebert_cli", "export-onnx", str(model), "--quantize"],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert (model / "onnx" / "model.onnx").is_file() and (model / "onnx" / "model.int8.onnx").is_file()
-    bad = subprocess.run([sys.executable, "-m", "moebert.cli", "export-onnx", str(tmp_path / "nope")],
+    bad = subprocess.run([sys.executable, "-m", "moebert_cli", "export-onnx", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from moebert.cli import main
+from moebert_cli import main
 from moebert.loading import load_model
 
 

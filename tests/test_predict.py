@@ -76,7 +76,7 @@ def test_stsb_predictions_are_clipped_scores(tmp_path, tokenizer):
 
 
 def test_mrpc_pairs_and_cli(moe_binary, tmp_path, capsys):
-    from moebert.cli import main
+    from moebert_cli import main
 
     code = main(["predict", str(moe_binary), "--task", "mrpc", "--data-dir", str(FIXTURES), "-o", str(tmp_path)])
     assert code == 0 and capsys.readouterr().out.strip().endswith("MRPC.tsv")

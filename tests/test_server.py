@@ -357,7 +357,7 @@ def test_bad_serve_arguments_fail_fast(tmp_path):
 
     def serve(*args):
         return subprocess.run(
-            [sys.executable, "-m", "moebert.cli", "serve", *args], capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "moebert_cli", "serve", *args], capture_output=True, text=True, timeout=120
         )
 
     missing = serve("--model", f"x={tmp_path / 'nope'}")

@@ -27,7 +27,7 @@ AUTH = {"Authorization": "Bearer s3cret"}
 
 def cli(capsys, *args: str) -> tuple[int, list[str]]:
     """`moebert ARGS` in this process (for commands that fail before serving) → exit status, stderr lines."""
-    from moebert.cli import main
+    from moebert_cli import main
 
     capsys.readouterr()
     status = main(list(args))
@@ -563,7 +563,7 @@ def test_bad_checkpoints_fail_in_one_line(capsys, tmp_path, tiny_cls_dir):
         assert status == 2 and len(lines) == 1 and expected in lines[0], (case, lines[:5])
     # and through the real command line, once
     out = subprocess.run(
-        [sys.executable, "-m", "moebert.cli", "serve", "--model", f"x={tmp_path / 'wrong-hidden'}"],
+        [sys.executable, "-m", "moebert_cli", "serve", "--model", f"x={tmp_path / 'wrong-hidden'}"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     lines = [line for line in out.stderr.splitlines() if line.strip()]
