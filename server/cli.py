@@ -6,25 +6,24 @@ from __future__ import annotations
 import argparse
 import signal
 
-# flag → settings field; a flag left out keeps the env var (MOEBERT_SERVE_*) or the default.
+# flag → settings field; a flag left out keeps the env var (MOEBERT_SERVE_*) or the default. Values are
+# validated once, by ServerSettings (the same check for a flag and its environment variable).
 SERVE_FLAGS: list[tuple[str, dict]] = [
     (
         "--backend",
         {
-            "choices": ["auto", "torch", "onnx"],
             "help": "auto (default: a model's ONNX export on CPU when it has one, int8 first; else torch), "
             "torch, or onnx (ONNX Runtime)",
         },
     ),
     (
         "--onnx-precision",
-        {"choices": ["auto", "fp32", "int8"], "help": "onnx backend: auto (default: int8 when exported), fp32, int8"},
+        {"help": "onnx backend: auto (default: int8 when exported), fp32, int8"},
     ),
-    ("--device", {"choices": ["cpu", "cuda"], "help": "cpu (default) or cuda"}),
+    ("--device", {"help": "cpu (default) or cuda"}),
     (
         "--dtype",
         {
-            "choices": ["auto", "float32", "float16", "bfloat16"],
             "help": "torch backend weights/compute (default auto: bfloat16 on GPUs that have it, else float16; "
             "float32 on CPU)",
         },
@@ -81,7 +80,7 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
             "run by then is answered 503",
         },
     ),
-    ("--log-level", {"choices": ["debug", "info", "warning", "error"], "help": "default info"}),
+    ("--log-level", {"help": "debug, info (default), warning or error"}),
     ("--access-log", {"action": "store_const", "const": True, "help": "one JSON line per request on stderr"}),
     ("--cors-origins", {"help": "comma-separated origins browsers may call from ('*': any; default none)"}),
 ]

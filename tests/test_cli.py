@@ -49,3 +49,16 @@ def test_the_model_package_imports_no_application():
 def test_python_dash_m_is_the_moebert_command():
     run = subprocess.run([sys.executable, "-m", "moebert_cli", "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "pipeline" in run.stdout and "serve" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [(["--backend", "gpu"], "backend"), (["--device", "tpu"], "device"), (["--log-level", "loud"], "log_level")],
+)
+def test_a_serve_flag_and_its_environment_variable_share_one_check(flags, setting, monkeypatch, capsys):
+    assert main(["serve", *flags]) == 2
+    flag_error = capsys.readouterr().err
+    assert f"invalid settings: {setting}:" in flag_error
+    monkeypatch.setenv(f"MOEBERT_SERVE_{setting.upper()}", flags[1])
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err == flag_error

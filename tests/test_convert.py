@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moebert  # noqa: F401
-from moebert_cli import main
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
 from moebert.splitting import expert_neurons, load_importance, neuron_order, save_importance
+from moebert_cli import main
 
 
 def test_split_is_shared_top_s_then_round_robin_by_rank():

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from moebert_cli import main
 from moebert.loading import load_model
+from moebert_cli import main
 
 
 def pipeline_args(teacher, train, dev, out):
