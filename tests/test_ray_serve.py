@@ -21,7 +21,7 @@ from tests.conftest import REPO
 pytest.importorskip("ray.serve")
 
 MODELS = f"sst2={REPO / 'models' / 'sst2'},squad={REPO / 'models' / 'squad'}"
-TIMEOUT_S = 300
+TIMEOUT_S = 480  # a local node, the controller, the proxy and one replica loading two models: ~3 min on 2 busy cores
 RAY_DID_NOT_START = 3  # the driver's exit status when Ray itself cannot start a node here
 
 
@@ -70,10 +70,6 @@ def test_replica_app_fails_its_startup_instead_of_killing_the_worker(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("MOEBERT_TEST_RAY") != "1",
-    reason="live Ray Serve deploy: not yet passing on the 2-core box (deploy fails); MOEBERT_TEST_RAY=1 runs it",
-)
 def test_ray_serve_deploys_answers_and_shuts_down():
     # Ray's session folder holds AF_UNIX sockets (paths ≤ 107 bytes): a short folder, not pytest's tmp_path.
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
