@@ -22,16 +22,15 @@ import logging
 import re
 import statistics
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
-from training.checkpoint import fingerprint, finished
-from training.common import DEFAULT_DATA_DIR, DataConfig
 from training.distill import check_distill_weight
 from training.evaluate import EvaluateConfig, evaluate
-from training.finetune import FinetuneConfig, finetune
+from training.finetune import FinetuneConfig, finetune, finetune_stage
 from training.loop import OptimConfig
 from training.pipeline import PipelineConfig, run_pipeline, task_defaults
+from training.tasks import DEFAULT_DATA_DIR, DataConfig
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = {
@@ -240,7 +239,7 @@ def run_job(p, args, task, seeds, limit, max_length, finetune_epochs, distill_ep
         base = Path(runs_dir) / task / f"seed{seed}"
         teacher_dir = base / "teacher"
         ft_cfg = FinetuneConfig(data=data, output_dir=str(teacher_dir), optim=replace(ft, seed=seed))
-        if not finished(teacher_dir, fingerprint(asdict(ft_cfg), [ft_cfg.model])):
+        if not finetune_stage(ft_cfg).done():
             if tag and not preset:  # an experiment must not retrain (and so replace) the main rows' teacher
                 p.error(f"--tag {tag}: no finished teacher in {teacher_dir} with these fine-tuning settings")
             finetune(ft_cfg)

@@ -83,10 +83,14 @@ with torch.no_grad():
 def test_checkpoint_round_trips_bit_identically_in_a_fresh_process(
     route, tiny_cls_dir, padded_batch, tmp_path, data_dir
 ):
-    balance = str(data_dir / "glue" / "SST-2" / "dev.tsv") if route == "hash-balance" else None
+    balance = None
+    if route == "hash-balance":  # `moebert convert --balance-data` reads plain text, one text per line
+        lines = [line.split("\t")[0] for line in (data_dir / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]]
+        balance = tmp_path / "dev.txt"
+        balance.write_text("\n".join(lines) + "\n")
     out = convert(ConvertConfig(
         teacher=str(tiny_cls_dir), output_dir=str(tmp_path / "moe"), split="random", route=route,
-        expert_dim=21, shared_dim=7, balance_data=balance, seed=5,
+        expert_dim=21, shared_dim=7, balance_data=balance and str(balance), seed=5,
     ))  # fmt: skip
     model = load_model(out)
     with torch.no_grad():
