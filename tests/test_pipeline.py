@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -256,3 +257,50 @@ def test_hash_balance_pipeline_on_cola(tiny_cls_dir, tmp_path):
     assert counts[tok.convert_tokens_to_ids("##j")] == 0  # the source column ("gj04") is not text
     assert load_model(out / "student").config.route_method == "hash-balance"
     assert (out / "balance_counts.stage.json").is_file() and (out / "moe" / "stage.json").is_file()
+
+
+def test_distill_config_without_a_teacher_for_no_distill(tiny_cls_dir, custom_data, tmp_path):
+    """--no-distill needs no teacher anywhere: not on the command line, not in the typed config."""
+    from moebert.convert import ConvertConfig, convert
+    from training.distill import DistillConfig, distill
+    from training.loop import OptimConfig
+    from training.tasks import DataConfig
+
+    train, dev = custom_data
+    moe = convert(ConvertConfig(teacher=str(tiny_cls_dir), output_dir=str(tmp_path / "moe"), split="random",
+                                expert_dim=21, shared_dim=7))  # fmt: skip
+    data = DataConfig(task="custom", data_dir=str(train), dev_file=str(dev), max_length=32)
+    cfg = DistillConfig(student=str(moe), data=data, output_dir=str(tmp_path / "alone"), distill=False,
+                        optim=OptimConfig(epochs=1, batch_size=8, max_steps=1))  # fmt: skip
+    assert cfg.teacher is None
+    assert (distill(cfg) / "stage.json").is_file()
+    with pytest.raises(ValueError, match=r"distillation needs a teacher \(--teacher\)"):
+        DistillConfig(student=str(moe), data=data, output_dir=str(tmp_path / "x"))
+
+
+def test_a_missing_local_model_is_no_such_folder(tiny_cls_dir, custom_data, tmp_path, capsys):
+    """A path-like name that is not a local folder says so, instead of transformers' "Repo id must be ..."."""
+    from moebert.loading import CheckpointError, looks_like_path
+    from training.datasets import tokenizer_for
+
+    missing = tmp_path / "runs" / "teacher"
+    for name in (str(missing), "./no/such/teacher", "../nowhere", "~/no-such-moebert-folder", "runs/mrpc/teacher"):
+        with pytest.raises(CheckpointError, match=f"^no such folder: {re.escape(name)}$"):
+            load_model(name)
+        with pytest.raises(CheckpointError, match=f"^no such folder: {re.escape(name)}$"):
+            tokenizer_for(name)
+    # A plausible hub id that is not a local folder keeps hub behaviour (not tried here: no network).
+    assert not looks_like_path("bert-base-uncased") and not looks_like_path("sentence-transformers/all-MiniLM-L6-v2")
+    assert looks_like_path(missing) and looks_like_path("a b")
+    train, dev = custom_data
+    data = ["--task", "custom", "--data-dir", str(train), "--dev-file", str(dev)]
+    for args in (
+        ["finetune", *data, "--model", str(missing), "-o", str(tmp_path / "t")],
+        ["distill", str(tiny_cls_dir), "--teacher", str(missing), *data, "-o", str(tmp_path / "s")],
+        ["pipeline", *data, "--teacher", str(missing), "-o", str(tmp_path / "p")],
+        ["convert", str(missing), "-o", str(tmp_path / "m"), "--split", "random"],
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == f"moebert {args[0]}: error: no such folder: {missing}"
+        assert "Repo id" not in err and "Traceback" not in err
