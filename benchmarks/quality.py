@@ -25,6 +25,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from moebert.atomic import write_text
 from training.distill import check_distill_weight
 from training.evaluate import EvaluateConfig, evaluate
 from training.finetune import FinetuneConfig, finetune, finetune_stage
@@ -351,9 +352,7 @@ def _results_name(tag: str | None) -> str:
 def _write(tag: str | None, results: dict) -> None:
     name = _results_name(tag)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(RESULTS / f"{name}.json")
+    write_text(RESULTS / f"{name}.json", json.dumps(results, indent=1) + "\n")
     title = f"Quality experiment `{tag}` (the main table is quality.md)" if tag else "Quality"
     lines = [f"# {title}: teacher vs MoEBERT (all-MiniLM-L6-v2 teacher, N=4, d_e=384, s=256, hash-random)", ""]
     lines += _target_lines(results)
@@ -385,7 +384,7 @@ def _write(tag: str | None, results: dict) -> None:
             lines.append(f"| {row} | {cells} | {m.get('seeds')} | {m.get('train_minutes', '?')} | {what} |")
         commands = sorted({m["command"] for r, m in table.items() if not r.startswith("_") and "command" in m})
         lines += ["", "Commands:", "", *[f"    {c}" for c in commands], ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    write_text(RESULTS / f"{name}.md", "\n".join(lines))
     print("\n".join(lines))
 
 
