@@ -53,31 +53,35 @@ def looks_like_path(name: str | Path) -> bool:
     return not _HUB_ID.fullmatch(text)
 
 
-def check_exists(path: str | Path) -> None:
-    """Raise CheckpointError("no such folder: <path>") for a path-like name that is not a local folder;
-    a plausible hub id that is not a local folder is left to the hub."""
-    if looks_like_path(path) and not Path(os.path.expanduser(str(path))).is_dir():
-        what = "no such folder" if not Path(os.path.expanduser(str(path))).exists() else "not a folder"
-        raise CheckpointError(f"{what}: {path}")
+def resolve(path: str | Path) -> str:
+    """`path` as transformers is to be given it: a path-like name (looks_like_path) expanded (~) and
+    required to be a local folder, else CheckpointError("no such folder: <path>"); a plausible hub id
+    as it is (a local folder of that name still wins, as in transformers)."""
+    text = str(path)
+    if not looks_like_path(path):
+        return text
+    local = Path(os.path.expanduser(text))
+    if not local.is_dir():
+        raise CheckpointError(f"{'not a folder' if local.exists() else 'no such folder'}: {path}")
+    return str(local)
 
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved with a checkpoint (local folder or hub id)."""
     from transformers import AutoTokenizer
 
-    check_exists(path)
+    name = resolve(path)
     try:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(str(path)))
+        return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
 
 
 def load_config(path: str | Path, **overrides) -> MoEBertConfig:
     """The MoEBertConfig of a MoEBERT folder, or the dense-BERT MoEBertConfig of a stock BERT."""
-    check_exists(path)
-    path = os.path.expanduser(str(path)) if str(path).startswith("~") else path
+    name = resolve(path)
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(str(path))
+        config_dict, _ = PretrainedConfig.get_config_dict(name)
     except (OSError, json.JSONDecodeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read a model config ({err})") from err
     if not config_dict:
@@ -140,7 +144,7 @@ def load_model(
     lacks (a bare encoder loaded for classification) starts from random weights, as in transformers.
     """
     config = load_config(path, **overrides)
-    path = os.path.expanduser(str(path)) if str(path).startswith("~") else path
+    path = resolve(path)
     task = task or task_of(config)
     if task not in MODEL_CLASSES:
         raise CheckpointError(f"unknown task {task!r}: expected one of {', '.join(MODEL_CLASSES)}")
