@@ -40,7 +40,7 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--balance-data",
-        help="hash-balance: task training file (TSV/CSV/JSONL/SQuAD JSON/text) to count tokens on",
+        help="hash-balance: plain text file, one text per line, to count tokens on (task files: moebert pipeline)",
     )
     p.add_argument("--balance-table", help="hash-balance: safetensors file with `token_counts` or `table` [vocab]")
     p.add_argument("--layers", type=_int_list, help="comma-separated layers to convert (default: all)")

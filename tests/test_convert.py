@@ -83,10 +83,14 @@ with torch.no_grad():
 def test_checkpoint_round_trips_bit_identically_in_a_fresh_process(
     route, tiny_cls_dir, padded_batch, tmp_path, data_dir
 ):
-    balance = str(data_dir / "glue" / "SST-2" / "dev.tsv") if route == "hash-balance" else None
+    balance = None
+    if route == "hash-balance":  # `moebert convert --balance-data` reads plain text, one text per line
+        lines = [line.split("\t")[0] for line in (data_dir / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]]
+        balance = tmp_path / "dev.txt"
+        balance.write_text("\n".join(lines) + "\n")
     out = convert(ConvertConfig(
         teacher=str(tiny_cls_dir), output_dir=str(tmp_path / "moe"), split="random", route=route,
-        expert_dim=21, shared_dim=7, balance_data=balance, seed=5,
+        expert_dim=21, shared_dim=7, balance_data=balance and str(balance), seed=5,
     ))  # fmt: skip
     model = load_model(out)
     with torch.no_grad():
@@ -242,3 +246,22 @@ def test_importance_file_round_trip(tmp_path):
     assert torch.equal(raw["order.2"], torch.argsort(scores[2], descending=True))
     with pytest.raises(ValueError, match="more layers"):
         load_importance(tmp_path / "i.safetensors", 2, 84)
+
+
+def test_cli_balance_data_is_plain_text_and_task_files_are_pointed_elsewhere(tiny_cls_dir, tmp_path, capsys):
+    """`moebert convert --balance-data` (the model package, which knows no task) reads one text per line; a
+    task file, whose columns only the task knows (CoLA has no header; a custom column may be "review"), is
+    refused with what to use instead, not parsed by guessing its text columns."""
+    common = ["convert", str(tiny_cls_dir), "--split", "random", "--route", "hash-balance", "--expert-dim", "21",
+              "--shared-dim", "7"]  # fmt: skip
+    (tmp_path / "train.tsv").write_text("gj04\t1\t\tOur friends won't buy this analysis.\n")
+    (tmp_path / "reviews.csv").write_text("review,label\nloved it,pos\n")
+    for task_file in ("train.tsv", "reviews.csv"):
+        code, err = run_cli([*common, "-o", str(tmp_path / "o"), "--balance-data", str(tmp_path / task_file)], capsys)
+        assert code == 2 and "plain text file, one text per line" in err and "moebert pipeline" in err
+        assert not (tmp_path / "o").exists()
+    (tmp_path / "texts.txt").write_text("Our friends won't buy this analysis.\n\nThey drank the pub.\n")
+    code, _ = run_cli([*common, "-o", str(tmp_path / "o"), "--balance-data", str(tmp_path / "texts.txt")], capsys)
+    assert code == 0
+    tables = [t for k, t in load_file(tmp_path / "o" / "model.safetensors").items() if k.endswith("router.table")]
+    assert len(tables) == 3 and all(torch.equal(t, tables[0]) for t in tables)

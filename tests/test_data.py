@@ -11,8 +11,10 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from training.data import TASKS, DataError, get_task, load_split, predict, read_examples, score, task_file
+from training.datasets import load_split
+from training.evaluate import predict, score
 from training.squad import read_squad
+from training.tasks import TASKS, DataError, get_task, read_examples, task_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

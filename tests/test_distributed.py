@@ -78,3 +78,73 @@ def test_pipeline_under_torchrun(tiny_cls_dir, custom_data, tmp_path):
         assert (out / stage / "stage.json").is_file() and (out / stage / "config.json").is_file()
     assert (out / "importance.safetensors").is_file() and (out / "results.json").is_file()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no scratch or half-written folders
+
+
+DRIVER = """
+import contextlib, json, os, sys
+from pathlib import Path
+from moebert_cli import main
+
+# Each rank's stdout to its own file: what a command prints under torchrun, rank by rank.
+with open(Path(sys.argv[1]) / f"stdout{os.environ['RANK']}.txt", "w") as out, contextlib.redirect_stdout(out):
+    codes = [main(args) for args in json.loads(sys.argv[2])]
+sys.exit(max(codes))
+"""
+
+
+def tiny_bert_with_tokenizer(folder: Path, words: list[str]) -> Path:
+    """A tiny random BERT classifier and a word-level BERT tokenizer over `words` (no download, no MiniLM)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64, num_labels=2)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_whole_pipeline_and_single_process_stages_under_torchrun(tmp_path):
+    """2 gloo ranks, self-contained (a tiny random BERT built here, synthetic data in tmp_path): the pipeline
+    with hash-balance (rank 0 scores importance, counts tokens, converts and evaluates while rank 1 waits;
+    both train), then `evaluate` and `importance` on their own. Every output is written once, by rank 0,
+    with its stage record; only rank 0 prints."""
+    good = ["a fine warm film", "truly great fun", "a joy to watch", "warm and great"]
+    bad = ["a dull cold mess", "truly awful stuff", "a bore to watch", "cold and dull"]
+    words = " ".join(good + bad).split()
+    teacher = tiny_bert_with_tokenizer(tmp_path / "bert", words)
+    for name in ("train", "dev"):
+        rows = [(t, "pos") for t in good] + [(t, "neg") for t in bad]
+        (tmp_path / f"{name}.csv").write_text("review,label\n" + "".join(f"{t},{y}\n" for t, y in rows * 2))
+    out = tmp_path / "run"
+    data = ["--task", "custom", "--data-dir", str(tmp_path / "train.csv"), "--dev-file", str(tmp_path / "dev.csv"),
+            "--text-column", "review", "--max-length", "16"]  # fmt: skip
+    commands = [
+        ["pipeline", *data, "-o", str(out), "--teacher", str(teacher), "--finetune-epochs", "1", "--epochs", "1",
+         "--batch-size", "4", "--samples", "8", "--expert-dim", "12", "--shared-dim", "4", "--route", "hash-balance"],
+        ["evaluate", str(out / "student"), *data, "--output", str(tmp_path / "eval.json")],
+        ["importance", str(out / "teacher"), *data, "--samples", "4", "--output", str(tmp_path / "imp.safetensors")],
+    ]  # fmt: skip
+    (tmp_path / "driver.py").write_text(DRIVER)
+    run_torchrun(["--standalone"], out, [str(tmp_path / "driver.py"), str(tmp_path), json.dumps(commands)],
+                 timeout_s=420)  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "balance_counts.safetensors", "balance_counts.stage.json", "eval_moebert.json", "eval_moebert.stage.json",
+        "eval_teacher.json", "eval_teacher.stage.json", "importance.safetensors", "importance.stage.json", "moe",
+        "results.json", "student", "teacher",
+    ]  # fmt: skip
+    for stage in ("teacher", "moe", "student"):
+        assert (out / stage / "stage.json").is_file() and (out / stage / "config.json").is_file()
+    assert json.loads((out / "moe" / "stage.json").read_text())["stage"] == "convert"
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"teacher", "moebert"}
+    assert (tmp_path / "eval.stage.json").is_file() and (tmp_path / "imp.stage.json").is_file()
+    assert (tmp_path / "stdout1.txt").read_text() == ""  # rank 1 printed nothing: no "{}", no second result
+    printed = (tmp_path / "stdout0.txt").read_text()
+    assert printed.count('"moebert"') == 1 and printed.count(str(tmp_path / "imp.safetensors")) == 1
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["dev"]["examples"] == 16
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch or half-written files

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -125,7 +126,7 @@ def test_optimiser_settings_name_every_problem():
 
 
 def test_only_rank_zero_publishes_a_stage_output(tmp_path, monkeypatch):
-    from training.checkpoint import finished, stage_output
+    from training.stages import finished, stage_output
 
     with stage_output(tmp_path / "out", "finetune", "fp", {}) as tmp:
         (tmp / "weights").write_text("rank 0")
@@ -137,8 +138,8 @@ def test_only_rank_zero_publishes_a_stage_output(tmp_path, monkeypatch):
 
 
 def test_evaluation_is_reused_only_when_it_is_the_same_work(tiny_cls_dir, custom_data, tmp_path):
-    from training.common import DataConfig
     from training.evaluate import EvaluateConfig, evaluate
+    from training.tasks import DataConfig
 
     train, dev = custom_data
     out = tmp_path / "run"
@@ -160,11 +161,11 @@ def test_evaluation_is_reused_only_when_it_is_the_same_work(tiny_cls_dir, custom
 
 
 def test_attention_dropout_setting(tiny_cls_dir, custom_data, tmp_path):
-    from training.checkpoint import fingerprint
-    from training.common import DataConfig, tokenizer_for
-    from training.data import load_split
+    from training.datasets import load_split, tokenizer_for
     from training.finetune import task_loss
     from training.loop import OptimConfig, fit
+    from training.stages import fingerprint
+    from training.tasks import DataConfig
 
     # Unset, the newer setting leaves older stages' fingerprints as they were; set, it counts.
     assert fingerprint({"lr": 1.0, "optim": {"attention_dropout": None}}, []) == fingerprint(
@@ -223,3 +224,83 @@ def test_hash_balance_reads_the_tasks_own_columns(tiny_cls_dir, tmp_path):
     for word in ("indeed", "sadly", "film", "mess"):  # from both columns
         assert counts[tok.convert_tokens_to_ids(word)] > 0, word
     assert load_model(out / "student").config.route_method == "hash-balance"
+
+
+COLA_ROWS = [  # CoLA's own layout: no header, source<TAB>label<TAB>original judgement<TAB>sentence
+    ("gj04", "1", "", "Our friends won't buy this analysis, let alone the next one we propose."),
+    ("gj04", "1", "", "One more pseudo generalization and I'm giving up."),
+    ("gj04", "0", "*", "They drank the pub dry glorious."),
+    ("gj04", "0", "*", "The more we study verbs, the crazier they get sleeping."),
+]
+
+
+def test_hash_balance_pipeline_on_cola(tiny_cls_dir, tmp_path):
+    """CoLA files have no header row: the texts come from the task's own column spec, not a header guess."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    cola = tmp_path / "data" / "glue" / "CoLA"
+    cola.mkdir(parents=True)
+    for split in ("train", "dev"):
+        (cola / f"{split}.tsv").write_text("".join("\t".join(row) + "\n" for row in COLA_ROWS))
+    out = tmp_path / "run"
+    args = [
+        "pipeline", "--task", "cola", "--data-dir", str(tmp_path / "data"), "-o", str(out), "--finetuned-teacher",
+        str(tiny_cls_dir), "--split", "random", "--route", "hash-balance", "--epochs", "1", "--max-steps", "1",
+        "--batch-size", "4", "--expert-dim", "21", "--shared-dim", "7", "--max-length", "32",
+    ]  # fmt: skip
+    assert main(args) == 0
+    counts = load_file(out / "balance_counts.safetensors")["token_counts"]
+    tok = AutoTokenizer.from_pretrained(str(tiny_cls_dir))
+    for word in ("friends", "giving", "drank", "verbs"):
+        assert counts[tok.convert_tokens_to_ids(word)] > 0, word
+    assert counts[tok.convert_tokens_to_ids("##j")] == 0  # the source column ("gj04") is not text
+    assert load_model(out / "student").config.route_method == "hash-balance"
+    assert (out / "balance_counts.stage.json").is_file() and (out / "moe" / "stage.json").is_file()
+
+
+def test_distill_config_without_a_teacher_for_no_distill(tiny_cls_dir, custom_data, tmp_path):
+    """--no-distill needs no teacher anywhere: not on the command line, not in the typed config."""
+    from moebert.convert import ConvertConfig, convert
+    from training.distill import DistillConfig, distill
+    from training.loop import OptimConfig
+    from training.tasks import DataConfig
+
+    train, dev = custom_data
+    moe = convert(ConvertConfig(teacher=str(tiny_cls_dir), output_dir=str(tmp_path / "moe"), split="random",
+                                expert_dim=21, shared_dim=7))  # fmt: skip
+    data = DataConfig(task="custom", data_dir=str(train), dev_file=str(dev), max_length=32)
+    cfg = DistillConfig(student=str(moe), data=data, output_dir=str(tmp_path / "alone"), distill=False,
+                        optim=OptimConfig(epochs=1, batch_size=8, max_steps=1))  # fmt: skip
+    assert cfg.teacher is None
+    assert (distill(cfg) / "stage.json").is_file()
+    with pytest.raises(ValueError, match=r"distillation needs a teacher \(--teacher\)"):
+        DistillConfig(student=str(moe), data=data, output_dir=str(tmp_path / "x"))
+
+
+def test_a_missing_local_model_is_no_such_folder(tiny_cls_dir, custom_data, tmp_path, capsys):
+    """A path-like name that is not a local folder says so, instead of transformers' "Repo id must be ..."."""
+    from moebert.loading import CheckpointError, looks_like_path
+    from training.datasets import tokenizer_for
+
+    missing = tmp_path / "runs" / "teacher"
+    for name in (str(missing), "./no/such/teacher", "../nowhere", "~/no-such-moebert-folder", "runs/mrpc/teacher"):
+        with pytest.raises(CheckpointError, match=f"^no such folder: {re.escape(name)}$"):
+            load_model(name)
+        with pytest.raises(CheckpointError, match=f"^no such folder: {re.escape(name)}$"):
+            tokenizer_for(name)
+    # A plausible hub id that is not a local folder keeps hub behaviour (not tried here: no network).
+    assert not looks_like_path("bert-base-uncased") and not looks_like_path("sentence-transformers/all-MiniLM-L6-v2")
+    assert looks_like_path(missing) and looks_like_path("a b")
+    train, dev = custom_data
+    data = ["--task", "custom", "--data-dir", str(train), "--dev-file", str(dev)]
+    for args in (
+        ["finetune", *data, "--model", str(missing), "-o", str(tmp_path / "t")],
+        ["distill", str(tiny_cls_dir), "--teacher", str(missing), *data, "-o", str(tmp_path / "s")],
+        ["pipeline", *data, "--teacher", str(missing), "-o", str(tmp_path / "p")],
+        ["convert", str(missing), "-o", str(tmp_path / "m"), "--split", "random"],
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == f"moebert {args[0]}: error: no such folder: {missing}"
+        assert "Repo id" not in err and "Traceback" not in err

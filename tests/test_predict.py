@@ -12,8 +12,8 @@ import torch
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
 from tests.conftest import REPO, save_tiny_bert
-from training.common import DataConfig
 from training.predict import PredictConfig, predict
+from training.tasks import DataConfig
 
 FIXTURES = REPO / "tests" / "fixtures"
 

@@ -18,8 +18,10 @@ from transformers import BertForQuestionAnswering
 from transformers.pipelines.document_question_answering import select_starts_ends
 
 from moebert.qa import decode_answers, make_windows, make_windows_batch
-from training.data import evaluate_model, get_task, load_split, predict, score, task_file
+from training.datasets import load_split
+from training.evaluate import evaluate_model, predict, score
 from training.squad import answer_positions, decode_predictions, read_squad
+from training.tasks import get_task, task_file
 
 QUESTION = "Who designed the Eiffel Tower?"
 SHORT = "The Eiffel Tower was designed by the engineering company of Gustave Eiffel."

@@ -9,7 +9,11 @@ import torch.nn.functional as F
 
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
-from moebert.routing import balanced_hash_table, read_texts, routed_load, token_counts
+from moebert.routing import balanced_hash_table, read_lines, routed_load, token_counts
+from training.datasets import task_texts
+from training.tasks import DataError, get_task
+
+SST2 = get_task("sst2")
 
 
 def converted(tiny_cls_dir, tmp_path, route, **kw):
@@ -78,7 +82,7 @@ def test_gate_sentence_pools_real_tokens_and_is_batch_invariant(tiny_cls_dir, to
 
 
 def test_hash_balance_balances_real_token_counts_better_than_hash_random(tokenizer, data_dir):
-    counts = token_counts(read_texts(data_dir / "glue" / "SST-2" / "train.tsv"), tokenizer, tokenizer.vocab_size)
+    counts = token_counts(task_texts(SST2, data_dir / "glue" / "SST-2" / "train.tsv"), tokenizer, tokenizer.vocab_size)
     assert counts.sum() > 500_000
     balanced = routed_load(balanced_hash_table(counts, 4, seed=0), counts, 4).double()
     imbalance = lambda load: float(load.max() / load.mean())
@@ -91,7 +95,7 @@ def test_hash_balance_balances_real_token_counts_better_than_hash_random(tokeniz
     assert imbalance(balanced) < 1.01  # greedy by frequency: within 1% of perfect
     assert imbalance(balanced) < min(random_imbalance)
     # Held-out check: the table built on train still balances dev better than a random table does.
-    dev = token_counts(read_texts(data_dir / "glue" / "SST-2" / "dev.tsv"), tokenizer, tokenizer.vocab_size)
+    dev = token_counts(task_texts(SST2, data_dir / "glue" / "SST-2" / "dev.tsv"), tokenizer, tokenizer.vocab_size)
     dev_balanced = imbalance(routed_load(balanced_hash_table(counts, 4), dev, 4).double())
     dev_random = imbalance(
         routed_load(torch.randint(4, dev.shape, generator=torch.Generator().manual_seed(0)), dev, 4).double()
@@ -107,19 +111,37 @@ def test_balanced_table_greedy_rule():
     assert routed_load(table, counts, 2).tolist() == [15, 14]
 
 
-def test_read_texts_formats(tmp_path):
+def test_task_texts_formats(tmp_path):
+    """The texts of a task file come from the task's own columns (the task layer's reader), not from
+    guessing by header name; a plain text file (one text per line) is what `moebert convert` reads."""
     (tmp_path / "a.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\tA cat.\tA dog.\tentailment\n")
-    assert list(read_texts(tmp_path / "a.tsv")) == ["A cat.", "A dog."]
+    assert list(task_texts(get_task("rte"), tmp_path / "a.tsv")) == ["A cat.", "A dog."]
     (tmp_path / "b.jsonl").write_text('{"text": "hello", "label": "pos"}\n\n{"text": "bye", "label": 1}\n')
-    assert list(read_texts(tmp_path / "b.jsonl")) == ["hello", "bye"]
+    assert list(task_texts(get_task("custom"), tmp_path / "b.jsonl")) == ["hello", "bye"]
     (tmp_path / "c.csv").write_text('id,text\n1,"a, b"\n')
-    assert list(read_texts(tmp_path / "c.csv")) == ["a, b"]
+    assert list(task_texts(get_task("custom"), tmp_path / "c.csv")) == ["a, b"]
     (tmp_path / "d.tsv").write_text("")
     with pytest.raises(ValueError, match="empty file"):
-        list(read_texts(tmp_path / "d.tsv"))
+        list(task_texts(get_task("custom"), tmp_path / "d.tsv"))
     (tmp_path / "e.jsonl").write_text("{not json\n")
-    with pytest.raises(ValueError, match="e.jsonl:1"):
-        list(read_texts(tmp_path / "e.jsonl"))
+    with pytest.raises(DataError, match="e.jsonl, line 1"):
+        list(task_texts(get_task("custom"), tmp_path / "e.jsonl"))
+    # Headers the old name guess did not know: CoLA has none, a custom column may be called anything.
+    (tmp_path / "cola.tsv").write_text(
+        "gj04\t1\t\tOur friends won't buy this analysis.\ngj04\t0\t*\tThey drank the pub.\n"
+    )
+    assert list(task_texts(get_task("cola"), tmp_path / "cola.tsv")) == [
+        "Our friends won't buy this analysis.",
+        "They drank the pub.",
+    ]
+    (tmp_path / "r.csv").write_text("review,stars\nloved it,5\n")
+    assert list(task_texts(get_task("custom", text_column="review", label_column="stars"), tmp_path / "r.csv")) == [
+        "loved it"
+    ]
+    (tmp_path / "lines.txt").write_text("one text\n\nanother, with a comma\n")
+    assert list(read_lines(tmp_path / "lines.txt")) == ["one text", "another, with a comma"]
+    with pytest.raises(ValueError, match="plain text file, one text per line"):
+        list(read_lines(tmp_path / "r.csv"))
 
 
 def test_unpadded_routing_matches_padded(tiny_cls_dir, tokenizer, tmp_path):

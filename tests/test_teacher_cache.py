@@ -11,9 +11,10 @@ import torch
 
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
-from training.common import DataConfig, tokenizer_for
+from training.datasets import load_data, tokenizer_for
 from training.distill import DistillConfig, distill, make_distill_loss
 from training.loop import OptimConfig
+from training.tasks import DataConfig
 from training.teacher_cache import TeacherCache, build_cache, cache_path
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -33,7 +34,7 @@ def case(request, tiny_cls_dir, tiny_qa_dir, custom_data, tmp_path):
 def test_cached_loss_equals_live_loss(case, tmp_path):
     teacher_dir, moe, data = case
     tokenizer = tokenizer_for(str(teacher_dir))
-    train = data.load(data.spec().train_split, tokenizer, training=True)
+    train = load_data(data, data.spec().train_split, tokenizer, training=True)
     teacher = load_model(teacher_dir).requires_grad_(False).eval()
     path = build_cache(teacher, train, tmp_path / "cache.safetensors", batch_size=3)  # odd batches: mixed padding
     mtime = path.stat().st_mtime_ns
@@ -56,12 +57,27 @@ def test_distill_uses_the_cache_only_where_it_fits(tiny_cls_dir, custom_data, tm
     data = DataConfig(task="custom", data_dir=str(custom_data[0]), dev_file=str(custom_data[1]), max_length=32)
     opt = OptimConfig(epochs=1, batch_size=8)
     path = cache_path(tiny_cls_dir, asdict(data))
-    distill(DistillConfig(str(moe), str(tiny_cls_dir), data, str(tmp_path / "off"), optim=opt, teacher_cache_gb=1e-9))
+    distill(
+        DistillConfig(
+            student=str(moe),
+            teacher=str(tiny_cls_dir),
+            data=data,
+            output_dir=str(tmp_path / "off"),
+            optim=opt,
+            teacher_cache_gb=1e-9,
+        )
+    )
     assert not path.exists()  # too big for the limit: the teacher runs every step
-    distill(DistillConfig(str(moe), str(tiny_cls_dir), data, str(tmp_path / "on"), optim=opt))
+    distill(
+        DistillConfig(
+            student=str(moe), teacher=str(tiny_cls_dir), data=data, output_dir=str(tmp_path / "on"), optim=opt
+        )
+    )
     assert path.is_file()
     # the cache is an execution detail, not a setting: it leaves a stage's fingerprint as it is
-    from training.checkpoint import fingerprint
+    from training.stages import fingerprint
 
-    cfg = DistillConfig(str(moe), str(tiny_cls_dir), data, str(tmp_path / "on"), optim=opt)
+    cfg = DistillConfig(
+        student=str(moe), teacher=str(tiny_cls_dir), data=data, output_dir=str(tmp_path / "on"), optim=opt
+    )
     assert fingerprint(asdict(cfg), []) == fingerprint({**asdict(cfg), "teacher_cache_gb": 0.0}, [])

@@ -10,12 +10,12 @@ import torch
 
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
-from training.checkpoint import resume_folder, stage_output
-from training.common import DataConfig, tokenizer_for
-from training.data import load_split
+from training.datasets import load_split, tokenizer_for
 from training.finetune import task_loss
 from training.loop import OptimConfig, autocast_dtype, fit, native_bf16
 from training.sampling import TrainBatches
+from training.stages import resume_folder, stage_output
+from training.tasks import DataConfig
 from training.train_state import STATE_DIR
 
 

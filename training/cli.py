@@ -1,10 +1,16 @@
 """The training commands' flags → typed stage configs (`moebert finetune | importance | distill | evaluate |
 predict | pipeline`; the command table is moebert_cli). Kept light at import time: the stage modules
-load only when a command runs."""
+load only when a command runs.
+
+Under torchrun every rank runs the command: the training stages (finetune, distill, pipeline) on every
+rank, the single-process ones (importance, evaluate, predict) on rank 0 while the others wait; only
+rank 0 prints the result.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_data_args(p: argparse.ArgumentParser, stage_default_max_length: int = 128) -> None:
@@ -29,7 +35,7 @@ def add_data_args(p: argparse.ArgumentParser, stage_default_max_length: int = 12
 
 
 def data_config(args):
-    from training.common import DEFAULT_DATA_DIR, DataConfig
+    from training.tasks import DEFAULT_DATA_DIR, DataConfig
 
     max_length = args.max_length or (384 if args.task.startswith("squad") else 128)
     return DataConfig(
@@ -109,9 +115,21 @@ def optim_config(args, default=None):
     )
 
 
+def say(text) -> None:
+    """Print a command's result once: on torchrun's rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+
+
+def on_main_rank(run):
+    """A single-process stage: rank 0 runs it while any other torchrun ranks wait. → its result (rank 0)."""
+    from training.loop import Distributed
+
+    return Distributed.setup().on_main(run)
+
+
 def run_finetune(args) -> None:
-    from training.common import default_teacher
-    from training.finetune import FinetuneConfig, finetune
+    from training.finetune import FinetuneConfig, default_teacher, finetune
 
     cfg = FinetuneConfig(
         data=data_config(args),
@@ -119,7 +137,7 @@ def run_finetune(args) -> None:
         model=args.model or default_teacher(),
         optim=optim_config(args),
     )
-    print(finetune(cfg))
+    say(finetune(cfg))
 
 
 def run_importance(args) -> None:
@@ -134,7 +152,7 @@ def run_importance(args) -> None:
         output=args.output,
         seed=args.seed,
     )
-    print(score_importance(cfg))
+    say(on_main_rank(lambda: score_importance(cfg)))
 
 
 def run_distill(args) -> None:
@@ -149,21 +167,20 @@ def run_distill(args) -> None:
         distill=not args.no_distill,
         optim=optim_config(args),
     )
-    print(distill(cfg))
+    say(distill(cfg))
 
 
 def run_evaluate(args) -> None:
     from training.evaluate import EvaluateConfig, evaluate
 
-    evaluate(
-        EvaluateConfig(
-            model=args.model,
-            data=data_config(args),
-            splits=tuple(args.split) if args.split else None,
-            batch_size=args.batch_size,
-            output=args.output,
-        )
+    cfg = EvaluateConfig(
+        model=args.model,
+        data=data_config(args),
+        splits=tuple(args.split) if args.split else None,
+        batch_size=args.batch_size,
+        output=args.output,
     )
+    on_main_rank(lambda: evaluate(cfg))  # it prints its own results
 
 
 def run_predict(args) -> None:
@@ -174,12 +191,12 @@ def run_predict(args) -> None:
         splits=tuple(args.split) if args.split else None, batch_size=args.batch_size,
         null_threshold=args.null_threshold,
     )  # fmt: skip
-    for path in predict(cfg):
+    for path in on_main_rank(lambda: predict(cfg)) or []:
         print(path)
 
 
 def run_pipeline(args) -> None:
-    from training.common import default_teacher
+    from training.finetune import default_teacher
     from training.pipeline import PipelineConfig, run_pipeline, task_defaults
 
     ft, ds, _ = task_defaults(args.task)
@@ -204,7 +221,7 @@ def run_pipeline(args) -> None:
         distill=not args.no_distill,
         seed=args.seed,
     )
-    print(json_dump(run_pipeline(cfg)))
+    say(json_dump(run_pipeline(cfg)))
 
 
 def json_dump(x) -> str:

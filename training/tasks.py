@@ -1,10 +1,12 @@
-"""Task data: the GLUE and SQuAD tasks and custom CSV/JSONL files, read into tokenized datasets, plus
-running a model over a split and scoring it.
+"""The task layer: what a task is and how its files are read, below everything else in training/.
 
-Every problem with a file surfaces as a `DataError` naming the file, the line (or JSON location) and
-what is wrong, never as a traceback from inside a parser. SQuAD lives in `training.squad` (imported
-lazily here, as it imports this module); QA windowing and answer decoding shared with the server live
-in `moebert.qa`.
+Owns: TaskSpec and the registry of GLUE / SQuAD / custom tasks (`get_task`), where a split's file lives
+(`task_file`), the readers of GLUE TSV, CSV and JSON Lines files into examples (`read_examples`),
+`DataConfig` (which task and data a stage reads), and `DataError` with its `where()` locator: every
+problem with a file surfaces as a DataError naming the file, the line (or JSON location) and what is
+wrong, never as a traceback from inside a parser.
+
+Imports nothing of training/. Tokenization is `training.datasets`; SQuAD's JSON is `training.squad`.
 """
 
 from __future__ import annotations
@@ -14,17 +16,13 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset
-
-from training import metrics as M
-
 log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 class DataError(ValueError):
@@ -297,9 +295,12 @@ def _label_key(value: Any) -> str:
     return str(value).strip()
 
 
-def read_examples(task: TaskSpec, path: str | Path, limit: int | None = None) -> tuple[list[TextExample], list[str]]:
+def read_examples(
+    task: TaskSpec, path: str | Path, limit: int | None = None, *, labels: bool = True
+) -> tuple[list[TextExample], list[str]]:
     """The examples of a classification / regression file, with raw label strings (classification;
-    None where the file has no labels, as GLUE test files)."""
+    None where the file has no labels, as GLUE test files). labels=False: texts only (no label column
+    needed or read, e.g. for token counting)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -310,6 +311,8 @@ def read_examples(task: TaskSpec, path: str | Path, limit: int | None = None) ->
             break
         text = _text(record, task.text_column, path, line)
         pair = _text(record, task.text_pair_column, path, line) if task.text_pair_column else None
+        if not labels:
+            has_labels = False
         if has_labels is None:  # GLUE test files have no label column; anywhere else it is required
             has_labels = task.label_column in record or not (task.name != "custom" and path.stem.startswith("test"))
         label: float | None = None
@@ -340,211 +343,39 @@ def _float(value: Any, column: str, path: Path, line: int | str) -> float:
     return number
 
 
-def _label_order(task: TaskSpec, raw_labels: list[str | None], label_names, path: Path) -> tuple[tuple, tuple]:
-    """(names, file values) in id order. A fixed order (`label_names`, e.g. a teacher's id2label) wins;
-    custom labels are otherwise inferred: sorted, numerically when they are all integers."""
-    if label_names is not None:
-        label_names = tuple(str(n) for n in label_names)
-        if task.labels is None:  # custom data without declared labels: the file values are the names
-            return label_names, label_names
-        wanted = [n.lower() for n in label_names]  # hub checkpoints write e.g. "ENTAILMENT"
-        for known in (task.labels, task.label_values):  # GLUE: accept names or file values, in any order
-            known = [k.lower() for k in known]
-            if sorted(wanted) == sorted(known):
-                order = [known.index(n) for n in wanted]
-                return tuple(task.labels[i] for i in order), tuple(task.label_values[i] for i in order)
-        expected = list(task.labels)
-        raise DataError(f"{path}: label names {list(label_names)} do not match task {task.name} labels {expected}")
-    if task.labels is not None:
-        return task.labels, task.label_values
-    values = sorted({r for r in raw_labels if r is not None})
-    if all(v.lstrip("-").isdigit() for v in values):
-        values.sort(key=int)
-    return tuple(values), tuple(values)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Tokenized datasets
-
-
-class EncodedDataset(Dataset):
-    """Features of one split, column-wise; item i is a dict of 1-D LongTensors (input_ids, attention_mask,
-    token_type_ids; unpadded) plus its targets (labels [] long or float, or start/end_positions []).
-    Sequence columns may hold lists or int32 arrays (compact for large QA sets)."""
-
-    def __init__(self, columns: dict[str, list], dtypes: dict[str, torch.dtype] | None = None):
-        lengths = {len(v) for v in columns.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"feature columns differ in length: { {k: len(v) for k, v in columns.items()} }")
-        self.columns = columns
-        self.dtypes = dtypes or {}
-
-    def __len__(self) -> int:
-        return len(self.columns["input_ids"])
-
-    def lengths(self) -> list[int]:
-        """Tokens per item, without building the items."""
-        return [len(ids) for ids in self.columns["input_ids"]]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: torch.as_tensor(v[i]).to(self.dtypes.get(k, torch.long)) for k, v in self.columns.items()}
-
-
-_TOKENIZE_CHUNK = 8192
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-TARGET_KEYS = ("labels", "start_positions", "end_positions")
+# Which task and data a stage reads
 
 
 @dataclass
-class TaskData:
-    """One tokenized split.
+class DataConfig:
+    """Which task and data a stage reads. For `custom`, data_dir is the training file (CSV/JSONL) and
+    dev_file the evaluation file."""
 
-    dataset: items as EncodedDataset describes; examples: the raw examples (TextExample, or
-    training.squad.QAExample); task.labels holds the resolved label order (custom labels included).
-    QA: window_example gives the example index of each window (dataset item); for evaluation splits
-    window_offsets ([n, 2] int32 per window: context character offsets, -1 elsewhere) map the
-    model's logits back to answer text.
-    """
+    task: str
+    data_dir: str = str(DEFAULT_DATA_DIR)
+    dev_file: str | None = None  # custom task: evaluation file
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    regression: bool = False
+    max_length: int = 128
+    doc_stride: int = 128
+    train_limit: int | None = None  # use only the first N training examples (CPU budgets)
+    eval_limit: int | None = None
 
-    task: TaskSpec
-    dataset: Dataset
-    examples: list
-    path: Path | None = None
-    window_example: list[int] | None = None
-    window_offsets: list[np.ndarray] | None = None
-    pad_token_id: int = 0
+    def spec(self) -> TaskSpec:
+        return get_task(
+            self.task, text_column=self.text_column, text_pair_column=self.text_pair_column,
+            label_column=self.label_column, regression=self.regression,
+        )  # fmt: skip
 
-    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Pad input_ids / attention_mask / token_type_ids to the longest item ([B, T]); stack targets ([B])."""
-        T = max(len(item["input_ids"]) for item in items)
-        batch = {}
-        for key in SEQUENCE_KEYS:
-            if key in items[0]:
-                pad = self.pad_token_id if key == "input_ids" else 0
-                out = torch.full((len(items), T), pad, dtype=torch.long)
-                for i, item in enumerate(items):
-                    out[i, : len(item[key])] = item[key]
-                batch[key] = out
-        for key in TARGET_KEYS:
-            if key in items[0]:
-                batch[key] = torch.stack([item[key] for item in items])
-        return batch
-
-
-def load_split(
-    task: TaskSpec,
-    path: str | Path,
-    tokenizer,
-    *,
-    max_length: int = 128,
-    doc_stride: int = 128,
-    training: bool = True,
-    limit: int | None = None,
-    label_names: tuple[str, ...] | None = None,
-) -> TaskData:
-    """Read and tokenize one split.
-
-    Classification / regression: (text, text_pair) truncated to max_length (longest first), labels as
-    class ids in the order `label_names` (a teacher's id2label) gives, else the task's (custom: sorted).
-    QA: see training.squad.load_squad. limit: only the first `limit` examples.
-    """
-    path = Path(path)
-    if task.kind == "qa":
-        from training.squad import load_squad
-
-        return load_squad(task, path, tokenizer, max_length=max_length, doc_stride=doc_stride, training=training,
-                          limit=limit)  # fmt: skip
-    examples, raw_labels = read_examples(task, path, limit)
-    if task.kind == "classification":
-        names, values = _label_order(task, raw_labels, label_names, path)
-        ids = {v: i for i, v in enumerate(values)}
-        for example, raw in zip(examples, raw_labels, strict=True):
-            if raw is None:
-                continue
-            if raw not in ids:
-                expected = ", ".join(values)
-                raise DataError(f"{where(path, example.line)}: unknown label {raw!r} (expected one of {expected})")
-            example.label = ids[raw]
-        task = replace(task, labels=names, label_values=values)
-    columns: dict[str, list] = {}
-    for begin in range(0, len(examples), _TOKENIZE_CHUNK):
-        chunk = examples[begin : begin + _TOKENIZE_CHUNK]
-        pairs = [e.text_pair for e in chunk] if task.text_pair_column else None
-        encoded = tokenizer([e.text for e in chunk], pairs, truncation=True, max_length=max_length)
-        for key in SEQUENCE_KEYS:
-            if key in encoded:  # int32 arrays: a fraction of the memory of Python int lists (MNLI: 393k pairs)
-                columns.setdefault(key, []).extend(np.asarray(ids, dtype=np.int32) for ids in encoded[key])
-    dtypes = {}
-    if all(e.label is not None for e in examples):
-        columns["labels"] = [e.label for e in examples]
-        dtypes["labels"] = torch.float if task.kind == "regression" else torch.long
-    return TaskData(task, EncodedDataset(columns, dtypes), examples, path, pad_token_id=tokenizer.pad_token_id or 0)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Running and scoring a model
-
-
-@torch.no_grad()
-def predict(model, data: TaskData, *, batch_size: int = 64, device="cpu", null_threshold: float = 0.0) -> dict:
-    """Run `model` (in eval mode; its mode is restored) over data.dataset in order.
-
-    Classification / regression: {"logits": FloatTensor [n, num_labels]}.
-    QA: {"predictions": {example id: answer text}} plus "na_probs" {example id: p} for squad_v2,
-    decoded as training.squad.decode_predictions describes (squad_v2: "" when the null score beats the
-    best span by more than `null_threshold`).
-    """
-    was_training = model.training
-    model.eval()
-    # Batches of similar length waste little on padding; results go back to dataset order.
-    n = len(data.dataset)
-    order = sorted(range(n), key=data.dataset.lengths().__getitem__)
-    starts, ends, logits = [None] * n, [None] * n, [None] * n
-    try:
-        for begin in range(0, n, batch_size):
-            rows = order[begin : begin + batch_size]
-            batch = data.collate([data.dataset[i] for i in rows])
-            inputs = {k: v.to(device) for k, v in batch.items() if k in SEQUENCE_KEYS}
-            out = model(**inputs)
-            if data.task.kind == "qa":
-                lengths = batch["attention_mask"].sum(-1).tolist()
-                for j, (i, length) in enumerate(zip(rows, lengths, strict=True)):
-                    starts[i] = out.start_logits[j, :length].float().cpu().numpy()
-                    ends[i] = out.end_logits[j, :length].float().cpu().numpy()
-            else:
-                for j, i in enumerate(rows):
-                    logits[i] = out.logits[j].float().cpu()
-    finally:
-        model.train(was_training)
-    if data.task.kind == "qa":
-        from training.squad import decode_predictions
-
-        return decode_predictions(data, starts, ends, null_threshold=null_threshold)
-    num_labels = data.task.num_labels
-    return {"logits": torch.stack(logits) if logits else torch.empty(0, num_labels)}
-
-
-_METRICS = {"accuracy": M.accuracy, "f1": M.f1, "mcc": M.matthews, "pearson": M.pearson, "spearman": M.spearman}
-
-
-def score(data: TaskData, predictions: dict) -> dict[str, float]:
-    """The task's metrics (percent) of predict()'s output against the gold labels."""
-    if data.task.kind == "qa":
-        return M.squad_evaluate(data.examples, predictions["predictions"], predictions.get("na_probs"))
-    gold = [e.label for e in data.examples]
-    if any(g is None for g in gold):
-        raise DataError(f"{data.path}: this split has no gold labels to score against")
-    logits = predictions["logits"]
-    if len(logits) != len(gold):
-        raise ValueError(f"{len(logits)} predictions for {len(gold)} examples")
-    if data.task.kind == "regression":
-        predicted = logits.reshape(len(gold), -1)[:, 0].numpy()
-    else:
-        predicted = logits.argmax(-1).numpy()
-    gold = np.asarray(gold)
-    return {name: 100.0 * _METRICS[name](predicted, gold) for name in data.task.metrics}
-
-
-def evaluate_model(model, data: TaskData, *, batch_size: int = 64, device="cpu") -> dict[str, float]:
-    """score(data, predict(model, data))"""
-    return score(data, predict(model, data, batch_size=batch_size, device=device))
+    def path(self, split: str) -> Path:
+        spec = self.spec()
+        if spec.name == "custom":
+            if split == spec.train_split:
+                return Path(self.data_dir)
+            if self.dev_file is None:
+                raise ValueError("the custom task needs --dev-file for evaluation")
+            return Path(self.dev_file)
+        return task_file(self.data_dir, spec, split)
