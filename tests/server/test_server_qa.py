@@ -9,23 +9,14 @@ import httpx
 import pytest
 import torch
 from server_process import ServerProcess
-from test_qa import LONG, QUESTION, SHORT, reference_answers
-from test_server import assert_error
 from transformers import AutoTokenizer, BertForQuestionAnswering
 
-from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
 from moebert.qa import decode_answers, make_windows
+from tests.qa_reference import LONG, QUESTION, SHORT, reference_answers
+from tests.server.checks import assert_error
 
 OPTS = {"max_seq_len": 64, "doc_stride": 16}  # the tiny model has 64 positions: LONG needs several windows
-
-
-@pytest.fixture(scope="module")
-def moe_qa_dir(tiny_qa_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("server_qa") / "qa-moe"
-    return convert(
-        ConvertConfig(teacher=str(tiny_qa_dir), output_dir=str(out), split="random", expert_dim=21, shared_dim=7)
-    )
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,14 @@ clearly positive review positive and the SQuAD MoEBERT answers a SQuAD v1.1 dev 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import pytest
 from server_process import ServerProcess
 
+from tests.conftest import REPO
 from training.metrics import squad_exact
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = REPO / "models"
 # The second question of SQuAD v1.1 dev (Rajpurkar et al., 2016; CC BY-SA 4.0) and its gold answer.
 CONTEXT = (
     "Super Bowl 50 was an American football game to determine the champion of the National Football League "

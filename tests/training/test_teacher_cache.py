@@ -4,20 +4,20 @@ live (to fp16 rounding of the hidden states), for classification and QA; the cac
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
 
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
+from tests.conftest import REPO
 from training.datasets import load_data, tokenizer_for
 from training.distill import DistillConfig, distill, make_distill_loss
 from training.loop import OptimConfig
 from training.tasks import DataConfig
 from training.teacher_cache import TeacherCache, build_cache, cache_path
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 @pytest.fixture(params=["classification", "qa"])

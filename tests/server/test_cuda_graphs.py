@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_moebert import batch, tiny_model
 
 from server.cuda_graphs import BucketedRunner, graph_buckets, pad_to_bucket, pick_bucket, size_steps, unpad_outputs
+from tests.conftest import REPO
+from tests.tiny_moebert import batch, tiny_model
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -223,9 +224,8 @@ def test_e2e_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
     and the load benchmark's checkpoints load as server models."""
     import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_e2e_gpu.py"
+    path = REPO / "benchmarks" / "bench_e2e_gpu.py"
     spec = importlib.util.spec_from_file_location("bench_e2e_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

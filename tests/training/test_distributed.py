@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from server_process import free_port
 
+from tests.conftest import REPO
+
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists() and shutil.which("torchrun") is None,
                                 reason="torchrun not installed")  # fmt: skip
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists() and shutil.which("to
 
 def run_torchrun(launch: list[str], out: Path, program: list[str] | None = None, timeout_s: int = 180) -> None:
     """2 processes under torchrun: `program` (default tests/ddp_worker.py writing into `out`)."""
-    worker = Path(__file__).with_name("ddp_worker.py")
+    worker = REPO / "tests" / "ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent.parent)}
     # Own process group, so that a hang kills torchrun and both workers, not torchrun alone.
     proc = subprocess.Popen(

@@ -11,12 +11,13 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
+from tests.conftest import REPO
 from training.datasets import load_split
 from training.evaluate import predict, score
 from training.squad import read_squad
 from training.tasks import TASKS, DataError, get_task, read_examples, task_file
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 
 # (task, split, expected (text, text_pair, label id) of every example) for the files in tests/fixtures/glue.
 WITNESS = 'Amrozi accused his brother , whom he called " the witness " .'

@@ -13,24 +13,15 @@ import pytest
 from server_process import ServerProcess
 from transformers import AutoTokenizer
 
-from moebert.convert import ConvertConfig, convert
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.test_server import reference_scores
+from tests.server.checks import reference_scores
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ORIGIN = "https://app.example.com"
 TEXTS = ["a gorgeous, witty, seductive movie.", "unflinchingly bleak and desperate", "fine."]
 HEX_ID = re.compile(r"[0-9a-f]{32}")
-
-
-@pytest.fixture(scope="module")
-def moe_cls_dir(tiny_cls_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ops") / "cls-moe"
-    return convert(
-        ConvertConfig(teacher=str(tiny_cls_dir), output_dir=str(out), split="random", expert_dim=21, shared_dim=7)
-    )
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import tempfile
 
 import pytest
 
-from moebert.convert import ConvertConfig, convert
 from server.ray_serve import RayServeOptions, replica_app, split_args
 from server.settings import ServerSettings
 from tests.conftest import REPO
@@ -23,14 +22,6 @@ pytest.importorskip("ray.serve")
 MODELS = f"sst2={REPO / 'models' / 'sst2'},squad={REPO / 'models' / 'squad'}"
 TIMEOUT_S = 480  # a local node, the controller, the proxy and one replica loading two models: ~3 min on 2 busy cores
 RAY_DID_NOT_START = 3  # the driver's exit status when Ray itself cannot start a node here
-
-
-@pytest.fixture(scope="module")
-def moe_cls_dir(tiny_cls_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ray") / "cls-moe"
-    return convert(
-        ConvertConfig(teacher=str(tiny_cls_dir), output_dir=str(out), split="random", expert_dim=21, shared_dim=7)
-    )
 
 
 def test_options_and_settings_are_split_and_checked():

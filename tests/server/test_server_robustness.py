@@ -19,8 +19,9 @@ import httpx
 import numpy as np
 import pytest
 from server_process import ServerProcess
-from test_qa import LONG, QUESTION
-from test_server import assert_error, metric_values
+
+from tests.qa_reference import LONG, QUESTION
+from tests.server.checks import assert_error, metric_values
 
 AUTH = {"Authorization": "Bearer s3cret"}
 

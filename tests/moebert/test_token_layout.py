@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_moebert import batch, tiny_model
 
 from moebert.modeling import expert_histogram, switch_balance_loss
+from tests.tiny_moebert import batch, tiny_model
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 ROUTES = ["hash-random", "hash-balance", "gate-token", "gate-sentence"]

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import time
 
 import httpx
 import numpy as np
 import pytest
-import torch
 from server_process import ServerProcess
 
-from moebert.convert import ConvertConfig, convert
-from moebert.loading import load_model
+from tests.server.checks import assert_error, metric_values, reference_scores
 
 TEXTS = [
     "a gorgeous, witty, seductive movie.",
@@ -32,14 +29,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def moe_cls_dir(tiny_cls_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("server") / "cls-moe"
-    return convert(
-        ConvertConfig(teacher=str(tiny_cls_dir), output_dir=str(out), split="random", expert_dim=21, shared_dim=7)
-    )
-
-
-@pytest.fixture(scope="module")
 def server(moe_cls_dir, tiny_cls_dir, tiny_qa_dir):
     with ServerProcess({"cls": moe_cls_dir, "dense": tiny_cls_dir, "qa": tiny_qa_dir}, "--max-inputs", "16") as proc:
         yield proc
@@ -49,20 +38,6 @@ def server(moe_cls_dir, tiny_cls_dir, tiny_qa_dir):
 def client(server):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         yield c
-
-
-def reference_scores(path, texts) -> np.ndarray:
-    """The model run directly, one text at a time: softmax of the logits [len(texts), C]."""
-    from transformers import AutoTokenizer
-
-    model, tok = load_model(path), AutoTokenizer.from_pretrained(str(path))
-    rows = []
-    for text in texts:
-        pair = tuple(text) if isinstance(text, list) else (text,)
-        enc = tok(*pair, truncation=True, max_length=64, return_tensors="pt")
-        with torch.no_grad():
-            rows.append(model(**enc).logits[0].softmax(-1).numpy())
-    return np.stack(rows)
 
 
 def scores_of(result: dict, labels: list[str]) -> list[float]:
@@ -228,26 +203,8 @@ def test_wrong_method_and_path(client):
     assert_error(client.post("/v1/nothing", json={}), 404)
 
 
-def assert_error(r: httpx.Response, status: int) -> None:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and body["error"]["type"] and body["error"]["message"]
-    assert "Traceback" not in r.text and 'File "' not in r.text
-
-
 # --------------------------------------------------------------------------------------------------
 # Metrics
-
-
-def metric_values(text: str, name: str) -> dict[tuple[str, ...], float]:
-    """{label values (in label-name order, as exposed): value} for one sample name."""
-    out = {}
-    for line in text.splitlines():
-        m = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
-        if m:
-            labels = tuple(v for v in re.findall(r'="([^"]*)"', m.group(1) or ""))
-            out[labels] = float(m.group(2))
-    return out
 
 
 def test_metrics_are_exported_and_move(client):
