@@ -27,6 +27,7 @@ RUN if [ "$VARIANT" = "gpu" ]; then \
 
 COPY pyproject.toml README.md ./
 COPY moebert ./moebert
+COPY moebert_cli ./moebert_cli
 COPY kernels ./kernels
 COPY server ./server
 # `training` is not shipped: the server never imports it. uvloop + httptools: uvicorn's fast loop and parser.

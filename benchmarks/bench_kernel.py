@@ -153,7 +153,7 @@ def bench_shape(name: str, dtype_name: str, tokens: list[int], args) -> list[dic
             for m in GRAPHED:
                 ms[f"{m} graph"] = median_ms(graph_replay(calls[m]), args.budget)
         tuned = [str(c) for k, c in _TUNED.items() if k[1] == dtype and k[2:5] == (d, d_e, E) and k[-1] == _bucket(T)]
-        if max_err > 5e-2:  # far beyond fp16 / bf16 rounding (tests/test_kernels_triton.py): say so loudly
+        if max_err > 5e-2:  # far beyond fp16 / bf16 rounding (tests/kernels/test_kernels_triton.py): say so loudly
             print(f"WARNING: fused kernel max |error| {max_err:.2e} vs the fp32 reference at T={T}", flush=True)
         row = dict(shape=name, dtype=dtype_name, T=T, d=d, d_h=d_h, E=E, d_e=d_e, ms=ms, max_abs_err=max_err,
                    config=tuned[0] if tuned else "table default")  # fmt: skip
@@ -321,7 +321,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the Triton tuner logs every candidate's time
     if not torch.cuda.is_available():
         print("bench_kernel.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing to measure here. "
-              "The CPU checks are `python -m pytest tests/test_kernels_triton.py`.", file=sys.stderr)  # fmt: skip
+              "The CPU checks are `python -m pytest tests/kernels/test_kernels_triton.py`.",
+              file=sys.stderr)  # fmt: skip
         return 2
     try:
         import triton

@@ -13,7 +13,7 @@
 #                    graph-timed tuner, the new T = 2k-4k candidates, and the two kernel refactors re-timed
 #  4. load_test_gpu  HTTP load: `moebert serve --device cuda` (bf16, Triton, CUDA graphs), MoEBERT vs its dense
 #                    teacher (random BERT-base classifiers), closed loop
-#  (5. gpu_tests_rest  the interpreter tests of tests/test_kernels_triton.py on compiled kernels: REST_S=150)
+#  (5. gpu_tests_rest  the interpreter tests of tests/kernels/test_kernels_triton.py on compiled kernels: REST_S=150)
 #
 # Results go to benchmarks/results/ and, when $OUT is set, to $OUT: gpu_results.tgz (everything) plus the
 # headline files, 8 files at most. Step limits in seconds (0 skips a step): GPU_TESTS_S, E2E_S, BENCH_S, LOAD_S,
@@ -72,7 +72,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $RESULTS/NAM
 }
 
 CKPT=$(mktemp -d /tmp/moebert-gpu-ckpt.XXXXXX)
-step gpu_tests "${GPU_TESTS_S:-200}" "${PYTEST[@]}" -m gpu tests/test_cuda_graphs.py tests/test_kernels_triton.py \
+step gpu_tests "${GPU_TESTS_S:-200}" "${PYTEST[@]}" -m gpu tests/server/test_cuda_graphs.py tests/kernels/test_kernels_triton.py \
   --junitxml="$RESULTS/gpu_tests.xml"
 step bench_e2e_gpu "${E2E_S:-150}" "$PY" benchmarks/bench_e2e_gpu.py --save-checkpoints "$CKPT"
 step bench_kernel_graph_tuned "${BENCH_S:-100}" "$PY" benchmarks/bench_kernel.py --dtypes bf16 --tokens 2048 4096 16384 \
@@ -80,7 +80,7 @@ step bench_kernel_graph_tuned "${BENCH_S:-100}" "$PY" benchmarks/bench_kernel.py
 step load_test_gpu "${LOAD_S:-100}" "$PY" benchmarks/load_test.py --moe "$CKPT/moe" --dense "$CKPT/dense" \
   --configs moebert-torch dense-torch --device cuda --max-seq-len 128 --concurrency 64 --duration 10 \
   --name load_test_gpu
-step gpu_tests_rest "${REST_S:-0}" "${PYTEST[@]}" -m "not gpu" tests/test_kernels_triton.py \
+step gpu_tests_rest "${REST_S:-0}" "${PYTEST[@]}" -m "not gpu" tests/kernels/test_kernels_triton.py \
   --junitxml="$RESULTS/gpu_tests_rest.xml"
 rm -rf "$CKPT"
 

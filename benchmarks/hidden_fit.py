@@ -23,8 +23,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @torch.no_grad()
 def layer_mse(student, teacher, data, batch_size: int = 64) -> list[float]:
     """Mean over dev tokens of MSE(h_ℓ, h_ℓ^teacher) for ℓ = 0 (embeddings) … L."""
-    from training.data import SEQUENCE_KEYS
     from training.distill import hidden_mse
+    from training.features import SEQUENCE_KEYS
 
     totals, tokens = None, 0
     for begin in range(0, len(data.dataset), batch_size):
@@ -42,8 +42,9 @@ def layer_mse(student, teacher, data, batch_size: int = 64) -> list[float]:
 
 def main() -> None:
     from moebert.loading import load_model
-    from training.common import DEFAULT_DATA_DIR, DataConfig, label_names_of, tokenizer_for
-    from training.data import evaluate_model
+    from training.datasets import label_names_of, load_data, tokenizer_for
+    from training.evaluate import evaluate_model
+    from training.tasks import DEFAULT_DATA_DIR, DataConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("students", nargs="+", help="checkpoints to compare with the teacher")
@@ -55,7 +56,8 @@ def main() -> None:
 
     teacher = load_model(args.teacher).eval()
     data = DataConfig(task=args.task, data_dir=args.data_dir, max_length=args.max_length)
-    dev = data.load(
+    dev = load_data(
+        data,
         data.spec().dev_splits[0], tokenizer_for(args.teacher), training=False,
         label_names=label_names_of(teacher.config),
     )  # fmt: skip

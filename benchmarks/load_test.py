@@ -87,7 +87,7 @@ def qa_body(model: str):
 
 
 def start_moebert(name: str, models: dict[str, str], flags: list[str], log_dir: Path):
-    from server.process import ServerProcess
+    from server_process import ServerProcess
 
     log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
     return ServerProcess(models, *flags, log=log).start(timeout_s=300)
@@ -252,7 +252,7 @@ def configurations(args) -> list[tuple[str, callable]]:
     """(name, start() → (server, Target)) for every configuration asked for."""
     import tempfile
 
-    from server.process import free_port
+    from server_process import free_port
 
     log_dir = Path(tempfile.mkdtemp(prefix="moebert-load-test-"))  # server logs: kept out of the repository
     print(f"server logs: {log_dir}", file=sys.stderr)

@@ -30,7 +30,7 @@ RUNTIMES = ("torch", "onnx-fp32", "onnx-int8")
 
 
 class OrtModule(torch.nn.Module):
-    """An ONNX Runtime session behind the torch call that training.data.predict makes."""
+    """An ONNX Runtime session behind the torch call that training.evaluate.predict makes."""
 
     def __init__(self, backend):
         super().__init__()
@@ -44,7 +44,8 @@ class OrtModule(torch.nn.Module):
 
 
 def main(argv=None) -> int:
-    from training.common import DEFAULT_DATA_DIR, DataConfig, label_names_of, tokenizer_for
+    from training.datasets import label_names_of, load_data, tokenizer_for
+    from training.tasks import DEFAULT_DATA_DIR, DataConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a classification or QA checkpoint (dense or MoEBERT)")
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     from moebert.loading import load_model
     from moebert.onnx_export import export_onnx
     from server.backends import OnnxBackend, onnx_file
-    from training.data import predict, score
+    from training.evaluate import predict, score
 
     model_dir = Path(args.model)
     if args.export or any(not onnx_file(model_dir, r[5:]).is_file() for r in args.runtimes if r != "torch"):
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     data = DataConfig(task=args.task, data_dir=args.data_dir, max_length=max_length, doc_stride=args.doc_stride)
     spec = data.spec()
     torch_model = load_model(model_dir)
-    dev = data.load(
+    dev = load_data(
+        data,
         spec.dev_splits[0], tokenizer_for(str(model_dir)), training=False,
         label_names=label_names_of(torch_model.config), limit=args.limit,
     )  # fmt: skip

@@ -22,16 +22,16 @@ import logging
 import re
 import statistics
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
-from training.checkpoint import fingerprint, finished
-from training.common import DEFAULT_DATA_DIR, DataConfig
+from moebert.atomic import write_text
 from training.distill import check_distill_weight
 from training.evaluate import EvaluateConfig, evaluate
-from training.finetune import FinetuneConfig, finetune
+from training.finetune import FinetuneConfig, finetune, finetune_stage
 from training.loop import OptimConfig
 from training.pipeline import PipelineConfig, run_pipeline, task_defaults
+from training.tasks import DEFAULT_DATA_DIR, DataConfig
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = {
@@ -240,7 +240,7 @@ def run_job(p, args, task, seeds, limit, max_length, finetune_epochs, distill_ep
         base = Path(runs_dir) / task / f"seed{seed}"
         teacher_dir = base / "teacher"
         ft_cfg = FinetuneConfig(data=data, output_dir=str(teacher_dir), optim=replace(ft, seed=seed))
-        if not finished(teacher_dir, fingerprint(asdict(ft_cfg), [ft_cfg.model])):
+        if not finetune_stage(ft_cfg).done():
             if tag and not preset:  # an experiment must not retrain (and so replace) the main rows' teacher
                 p.error(f"--tag {tag}: no finished teacher in {teacher_dir} with these fine-tuning settings")
             finetune(ft_cfg)
@@ -352,9 +352,7 @@ def _results_name(tag: str | None) -> str:
 def _write(tag: str | None, results: dict) -> None:
     name = _results_name(tag)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(RESULTS / f"{name}.json")
+    write_text(RESULTS / f"{name}.json", json.dumps(results, indent=1) + "\n")
     title = f"Quality experiment `{tag}` (the main table is quality.md)" if tag else "Quality"
     lines = [f"# {title}: teacher vs MoEBERT (all-MiniLM-L6-v2 teacher, N=4, d_e=384, s=256, hash-random)", ""]
     lines += _target_lines(results)
@@ -386,7 +384,7 @@ def _write(tag: str | None, results: dict) -> None:
             lines.append(f"| {row} | {cells} | {m.get('seeds')} | {m.get('train_minutes', '?')} | {what} |")
         commands = sorted({m["command"] for r, m in table.items() if not r.startswith("_") and "command" in m})
         lines += ["", "Commands:", "", *[f"    {c}" for c in commands], ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    write_text(RESULTS / f"{name}.md", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -198,7 +198,7 @@ def main() -> None:
     if args.quick:
         args.seconds, args.soak_s = 15, 60
 
-    from server.process import ServerProcess
+    from server_process import ServerProcess
 
     sentences = sst2_sentences()
     pairs = squad_pairs()

@@ -81,14 +81,16 @@ def main() -> None:
     from dataclasses import replace
 
     from moebert.convert import ConvertConfig, convert
-    from training.common import DEFAULT_DATA_DIR, DataConfig, default_teacher, tokenizer_for
+    from training.datasets import load_data, tokenizer_for
+    from training.finetune import default_teacher
     from training.loop import OptimConfig, native_bf16
+    from training.tasks import DEFAULT_DATA_DIR, DataConfig
 
     teacher = default_teacher()
     data_cfg = DataConfig(task="sst2", data_dir=args.data_dir or str(DEFAULT_DATA_DIR), train_limit=args.examples)
     spec = data_cfg.spec()
     tokenizer = tokenizer_for(teacher)
-    data = data_cfg.load(spec.train_split, tokenizer, training=True, limit=args.examples)
+    data = load_data(data_cfg, spec.train_split, tokenizer, training=True, limit=args.examples)
     sentences = [e.text for e in data.examples]
     labels = [e.label for e in data.examples]
     n = len(sentences)

@@ -1,34 +1,12 @@
-"""The `moebert` command. Each subcommand parses its flags into a typed config, calls one stage
-function, and translates errors into one clear line and exit status 2 (no tracebacks for bad input)."""
+"""The model package's own commands, `moebert convert` and `moebert export-onnx`: flags → typed config →
+one function. The command table, and the translation of errors into one line and exit status 2, belong
+to the application (moebert_cli): this module knows no application."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
-import sys
-from collections.abc import Callable
 
 from moebert.configuration import ROUTE_METHODS, SPLIT_METHODS
-
-# Packages that add their own subcommands: each has a light `cli` module (no heavy imports at module
-# level) with `add_commands(subparsers)`. A package that is not installed simply adds nothing.
-COMMAND_MODULES = ("training.cli", "server.cli")
-
-# Subcommands whose implementation arrives with later work; the names are reserved now.
-RESERVED = {
-    "finetune": "fine-tune a dense BERT teacher on a task",
-    "importance": "score every FFN neuron's importance on a task (METHOD.md §1)",
-    "distill": "train a MoEBERT student with layer-wise distillation",
-    "evaluate": "evaluate a dense or MoEBERT checkpoint on a task split",
-    "pipeline": "finetune → importance → convert → distill → evaluate, resumable",
-    "export-onnx": "export a model to ONNX for ONNX Runtime",
-    "serve": "run the inference service",
-}
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def _int_list(text: str) -> list[int]:
@@ -38,13 +16,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from err
 
 
-def add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="split a dense fine-tuned BERT's FFNs into experts (MoEBERT)",
-        description="Convert a dense fine-tuned BERT into MoEBERT: each FFN is cut into N experts that share "
-        "the top-s neurons and split the rest round-robin by importance (METHOD.md §2). "
-        "--num-experts 1 --expert-dim k prunes the FFN to width k instead (the dense baseline).",
+def convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Convert a dense fine-tuned BERT into MoEBERT: each FFN is cut into N experts that share the top-s "
+        "neurons and split the rest round-robin by importance (METHOD.md §2). --num-experts 1 --expert-dim k "
+        "prunes the FFN to width k instead (the dense baseline)."
     )
     p.add_argument("teacher", help="dense fine-tuned BERT: local folder or hub id")
     p.add_argument("--output-dir", "-o", required=True, help="folder to write the MoEBERT checkpoint to")
@@ -64,7 +40,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--balance-data",
-        help="hash-balance: task training file (TSV/CSV/JSONL/SQuAD JSON/text) to count tokens on",
+        help="hash-balance: plain text file, one text per line, to count tokens on (task files: moebert pipeline)",
     )
     p.add_argument("--balance-table", help="hash-balance: safetensors file with `token_counts` or `table` [vocab]")
     p.add_argument("--layers", type=_int_list, help="comma-separated layers to convert (default: all)")
@@ -99,60 +75,25 @@ def run_convert(args: argparse.Namespace) -> None:
     print(out)
 
 
-def _reserved(name: str) -> Callable[[argparse.Namespace], None]:
-    def run(_: argparse.Namespace) -> None:
-        raise CliError(f"`moebert {name}` is not available in this version yet")
-
-    return run
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moebert", description="MoEBERT: BERT → Mixture-of-Experts, trained and served."
+def export_onnx_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Export a dense or MoEBERT checkpoint to ONNX (routing inside the graph), optimize it with ONNX Runtime's "
+        "BERT optimizer (fused attention) and optionally quantize it to int8. Writes <MODEL>/onnx/model.onnx "
+        "(and model.int8.onnx), where `moebert serve --backend onnx` looks."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_convert(sub)
-    for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name not in (module_name, module_name.split(".")[0]):
-                raise
-            continue
-        module.add_commands(sub)
-    for name, help_text in RESERVED.items():
-        if name not in sub.choices:
-            sub.add_parser(name, help=help_text, description=help_text).set_defaults(run=_reserved(name))
-    return parser
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--output-dir", "-o", help="where to write (default <MODEL>/onnx)")
+    p.add_argument("--quantize", action="store_true", help="also write a dynamic int8 model (model.int8.onnx)")
+    p.add_argument("--no-optimize", action="store_true", help="skip the ORT transformer optimizer")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.set_defaults(run=run_export_onnx)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+def run_export_onnx(args: argparse.Namespace) -> None:
+    from moebert.onnx_export import export_onnx
+
+    result = export_onnx(
+        args.model, args.output_dir, quantize=args.quantize, optimize=not args.no_optimize, opset=args.opset
     )
-    from moebert.loading import CheckpointError
-
-    try:
-        args.run(args)
-    except KeyboardInterrupt:
-        print(f"moebert {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except (
-        CliError,
-        CheckpointError,
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        PermissionError,
-    ) as err:
-        print(f"moebert {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    for path in result.files:
+        print(path)

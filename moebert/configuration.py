@@ -1,5 +1,10 @@
 """MoEBertConfig: a BertConfig plus the MoE fields. With `moe_layers=[]` it describes a plain dense BERT,
-so a stock BERT checkpoint loads into the MoEBERT classes as the dense teacher."""
+so a stock BERT checkpoint loads into the MoEBERT classes as the dense teacher.
+
+`check_moe_settings` is the one check of the MoE settings (route, split, N, d_e, s): the config, `moebert
+convert`'s ConvertConfig, the neuron split and the training pipeline's config all call it, each with
+what it knows at that point (the FFN width is known once the teacher is loaded).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,42 @@ from transformers import BertConfig
 
 ROUTE_METHODS = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLIT_METHODS = ("importance", "random", "inverse")
+
+
+def check_moe_settings(
+    *,
+    route: str | None = None,
+    split: str | None = None,
+    num_experts: int | None = None,
+    expert_dim: int | None = None,
+    shared_dim: int | None = None,
+    ffn_width: int | None = None,
+) -> None:
+    """Raise ValueError naming the first bad setting; None means "not known here" and is not checked.
+
+    expert_dim must fit the FFN (1 ≤ d_e ≤ ffn_width, the teacher's d_h); shared_dim must be in
+    [0, d_e], and below d_e when there are several experts (else every expert would be the same).
+    """
+    if route is not None and route not in ROUTE_METHODS:
+        raise ValueError(f"unknown route {route!r}: expected one of {', '.join(ROUTE_METHODS)}")
+    if split is not None and split not in SPLIT_METHODS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLIT_METHODS)}")
+    if num_experts is not None and num_experts < 1:
+        raise ValueError(f"num_experts (--num-experts) must be ≥ 1, got {num_experts}")
+    if expert_dim is not None:
+        if expert_dim < 1:
+            raise ValueError(f"expert_dim (--expert-dim) must be ≥ 1, got {expert_dim}")
+        if ffn_width is not None and expert_dim > ffn_width:
+            raise ValueError(f"--expert-dim {expert_dim} exceeds the teacher's FFN width {ffn_width}")
+    if shared_dim is not None:
+        if shared_dim < 0:
+            raise ValueError(f"shared_dim (--shared-dim) must be ≥ 0, got {shared_dim}")
+        if expert_dim is not None and shared_dim > expert_dim:
+            raise ValueError(f"--shared-dim {shared_dim} must be at most --expert-dim {expert_dim}")
+        if expert_dim is not None and (num_experts or 1) > 1 and shared_dim == expert_dim:
+            raise ValueError(
+                f"--shared-dim {shared_dim} must be below --expert-dim {expert_dim} (else all experts are equal)"
+            )
 
 
 class MoEBertConfig(BertConfig):
@@ -49,18 +90,10 @@ class MoEBertConfig(BertConfig):
 
     def check_moe(self) -> None:
         """Raise ValueError with a readable message if the MoE fields do not fit together."""
-        if self.route_method not in ROUTE_METHODS:
-            raise ValueError(f"route_method {self.route_method!r}: expected one of {', '.join(ROUTE_METHODS)}")
-        if self.split_method not in SPLIT_METHODS:
-            raise ValueError(f"split_method {self.split_method!r}: expected one of {', '.join(SPLIT_METHODS)}")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be ≥ 1, got {self.num_experts}")
-        if not 1 <= self.expert_dim <= self.intermediate_size:
-            raise ValueError(
-                f"expert_dim must be in [1, intermediate_size={self.intermediate_size}], got {self.expert_dim}"
-            )
-        if not 0 <= self.shared_dim <= self.expert_dim:
-            raise ValueError(f"shared_dim must be in [0, expert_dim={self.expert_dim}], got {self.shared_dim}")
+        check_moe_settings(
+            route=self.route_method, split=self.split_method, num_experts=self.num_experts,
+            expert_dim=self.expert_dim, shared_dim=self.shared_dim, ffn_width=self.intermediate_size,
+        )  # fmt: skip
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"moe_layers {bad} out of range for {self.num_hidden_layers} layers")

@@ -1,20 +1,23 @@
-"""Dense fine-tuned BERT → MoEBERT (METHOD.md §2–3): a plain function from one folder to another."""
+"""Dense fine-tuned BERT → MoEBERT (METHOD.md §2–3): a plain function from one folder to another.
+
+`convert` writes the output folder atomically (moebert.atomic); `convert_into` fills a folder someone
+else publishes (the training pipeline's convert stage, which adds its stage record).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from moebert.configuration import ROUTE_METHODS, SPLIT_METHODS, MoEBertConfig
-from moebert.loading import load_model
+from moebert.atomic import atomic_folder
+from moebert.configuration import MoEBertConfig, check_moe_settings
+from moebert.loading import load_model, load_tokenizer
 from moebert.modeling import MoEBertPreTrainedModel
-from moebert.routing import balanced_hash_table, read_texts, routed_load, token_counts
+from moebert.routing import balanced_hash_table, read_lines, routed_load, token_counts
 from moebert.splitting import expert_neurons, load_importance, neuron_order
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ class ConvertConfig:
     route: str = "hash-random"
     split: str = "importance"
     importance: str | None = None  # default <teacher>/importance.safetensors
-    balance_data: str | None = None  # hash-balance: a task file whose token frequencies balance the table
+    balance_data: str | None = None  # hash-balance: a plain text file (one text per line) to count tokens on
     balance_table: str | None = None  # hash-balance: safetensors with `token_counts` [vocab] or `table` [vocab]
     layers: list[int] | None = None  # default: every layer
     load_balance_weight: float = 0.01
@@ -41,19 +44,24 @@ class ConvertConfig:
     seed: int = 0
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        """The settings checkable without the teacher, before anything is loaded or written."""
+        check_moe_settings(
+            route=self.route, split=self.split, num_experts=self.num_experts, expert_dim=self.expert_dim,
+            shared_dim=self.shared_dim,
+        )  # fmt: skip
+
 
 def convert(cfg: ConvertConfig) -> Path:
     """Write a MoEBERT checkpoint to cfg.output_dir and return its path. Writes nothing on error."""
-    if cfg.route not in ROUTE_METHODS:
-        raise ValueError(f"unknown route {cfg.route!r}: expected one of {', '.join(ROUTE_METHODS)}")
-    if cfg.split not in SPLIT_METHODS:
-        raise ValueError(f"unknown split {cfg.split!r}: expected one of {', '.join(SPLIT_METHODS)}")
-    if cfg.num_experts < 1:
-        raise ValueError(f"--num-experts must be ≥ 1, got {cfg.num_experts}")
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    with atomic_folder(out, overwrite=cfg.overwrite) as tmp:
+        convert_into(cfg, tmp)
+    return out
 
+
+def convert_into(cfg: ConvertConfig, folder: Path) -> None:
+    """Write the MoEBERT checkpoint's files (weights, config, tokenizer, conversion.json) into `folder`."""
     teacher = load_model(cfg.teacher)
     tcfg = teacher.config
     if tcfg.is_moe:
@@ -61,12 +69,7 @@ def convert(cfg: ConvertConfig) -> Path:
     d_h, num_layers = tcfg.intermediate_size, tcfg.num_hidden_layers
     expert_dim = cfg.expert_dim or d_h // cfg.num_experts
     shared_dim = cfg.shared_dim if cfg.shared_dim is not None else (2 * expert_dim // 3 if cfg.num_experts > 1 else 0)
-    if expert_dim > d_h:
-        raise ValueError(f"--expert-dim {expert_dim} exceeds the teacher's FFN width {d_h}")
-    if cfg.num_experts > 1 and shared_dim >= expert_dim:
-        raise ValueError(
-            f"--shared-dim {shared_dim} must be below --expert-dim {expert_dim} (else all experts are equal)"
-        )
+    check_moe_settings(num_experts=cfg.num_experts, expert_dim=expert_dim, shared_dim=shared_dim, ffn_width=d_h)
     layers = sorted(set(cfg.layers)) if cfg.layers is not None else list(range(num_layers))
 
     scores = _importance_scores(cfg, num_layers, d_h)
@@ -97,17 +100,16 @@ def convert(cfg: ConvertConfig) -> Path:
         "layers": layers,
         "kept_neurons": {str(i): k.tolist() for i, k in kept.items()},
     }
-    _save_atomically(student, cfg.teacher, out, record, cfg.overwrite)
+    student.save_pretrained(folder)
+    try:
+        load_tokenizer(cfg.teacher).save_pretrained(folder)
+    except (OSError, ValueError) as err:
+        log.warning("no tokenizer saved with the model: %s", err)
+    (folder / "conversion.json").write_text(json.dumps(record, indent=1))
     log.info(
-        "wrote %s (%d MoE layers, N=%d, d_e=%d, s=%d, %s)",
-        out,
-        len(layers),
-        cfg.num_experts,
-        expert_dim,
-        shared_dim,
-        cfg.route,
-    )
-    return out
+        "converted %s (%d MoE layers, N=%d, d_e=%d, s=%d, %s) → %s",
+        cfg.teacher, len(layers), cfg.num_experts, expert_dim, shared_dim, cfg.route, cfg.output_dir,
+    )  # fmt: skip
 
 
 def _importance_path(cfg: ConvertConfig) -> Path:
@@ -127,8 +129,6 @@ def _importance_scores(cfg: ConvertConfig, num_layers: int, d_h: int) -> list[to
 
 
 def _balance_table(cfg: ConvertConfig, vocab_size: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
     if cfg.balance_table:
         from safetensors.torch import load_file
 
@@ -148,12 +148,13 @@ def _balance_table(cfg: ConvertConfig, vocab_size: int) -> torch.Tensor:
                 f"{cfg.balance_table}: token_counts has shape {tuple(counts.shape)}, vocab is {vocab_size}"
             )
     elif cfg.balance_data:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
-        counts = token_counts(read_texts(cfg.balance_data), tokenizer, vocab_size)
+        counts = token_counts(read_lines(cfg.balance_data), load_tokenizer(cfg.teacher), vocab_size)
         if counts.sum() == 0:
             raise ValueError(f"{cfg.balance_data}: no tokens found to balance on")
     else:
-        raise ValueError("--route hash-balance needs --balance-data (a training file) or --balance-table")
+        raise ValueError(
+            "--route hash-balance needs --balance-data (a text file, one text per line) or --balance-table"
+        )
     table = balanced_hash_table(counts, cfg.num_experts, cfg.seed)
     log.info("hash-balance tokens per expert: %s", routed_load(table, counts, cfg.num_experts).tolist())
     return table
@@ -194,27 +195,3 @@ def _copy_weights(
         moe.kept_neurons.copy_(kept)
         kept_by_layer[i] = kept
     return kept_by_layer
-
-
-def _save_atomically(model, teacher: str, out: Path, record: dict, overwrite: bool) -> None:
-    """Write into a sibling temp folder, then rename: an interrupted run leaves no half-written checkpoint."""
-    from transformers import AutoTokenizer
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        try:
-            AutoTokenizer.from_pretrained(teacher).save_pretrained(tmp)
-        except (OSError, ValueError) as err:
-            log.warning("no tokenizer saved with the model: %s", err)
-        (tmp / "conversion.json").write_text(json.dumps(record, indent=1))
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise FileExistsError(f"{out} appeared while converting")
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

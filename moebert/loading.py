@@ -1,9 +1,15 @@
 """Load any BERT-family checkpoint (a MoEBERT folder, or a stock BERT folder / hub id as the dense
-teacher) into the MoEBERT classes, with clear errors for what is not one."""
+teacher) and its tokenizer into the MoEBERT classes, with clear errors for what is not one.
+
+This is the model-loading boundary: a name that is plainly a path but names no folder is reported as
+"no such folder: <path>" here, once, instead of as transformers' complaint that it is not a hub id.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -30,10 +36,52 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be used: missing, not BERT, or inconsistent."""
 
 
+# A hub id is `name` or `org/name` (letters, digits, -, _, .); anything else is meant as a local path.
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def looks_like_path(name: str | Path) -> bool:
+    """Whether `name` can only mean a local path: a Path, absolute, ./ ../ ~ first, more than one /
+    (a hub id has at most one) or the platform's own separator where that is not /."""
+    if isinstance(name, Path):
+        return True
+    text = str(name)
+    if os.path.isabs(text) or text in (".", "..") or text.startswith(("./", "../", "~")):
+        return True
+    if os.sep != "/" and (os.sep in text or text.startswith((".\\", "..\\"))):
+        return True
+    return not _HUB_ID.fullmatch(text)
+
+
+def resolve(path: str | Path) -> str:
+    """`path` as transformers is to be given it: a path-like name (looks_like_path) expanded (~) and
+    required to be a local folder, else CheckpointError("no such folder: <path>"); a plausible hub id
+    as it is (a local folder of that name still wins, as in transformers)."""
+    text = str(path)
+    if not looks_like_path(path):
+        return text
+    local = Path(os.path.expanduser(text))
+    if not local.is_dir():
+        raise CheckpointError(f"{'not a folder' if local.exists() else 'no such folder'}: {path}")
+    return str(local)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved with a checkpoint (local folder or hub id)."""
+    from transformers import AutoTokenizer
+
+    name = resolve(path)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path, **overrides) -> MoEBertConfig:
     """The MoEBertConfig of a MoEBERT folder, or the dense-BERT MoEBertConfig of a stock BERT."""
+    name = resolve(path)
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(str(path))
+        config_dict, _ = PretrainedConfig.get_config_dict(name)
     except (OSError, json.JSONDecodeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read a model config ({err})") from err
     if not config_dict:
@@ -96,6 +144,7 @@ def load_model(
     lacks (a bare encoder loaded for classification) starts from random weights, as in transformers.
     """
     config = load_config(path, **overrides)
+    path = resolve(path)
     task = task or task_of(config)
     if task not in MODEL_CLASSES:
         raise CheckpointError(f"unknown task {task!r}: expected one of {', '.join(MODEL_CLASSES)}")

@@ -292,26 +292,24 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, Routing]:
         """x [N, d] → y [N, d] and the routing used"""
-        from kernels import default_backend, moe_ffn  # lazy: kernels (and triton) load only when an MoE runs
+        from kernels import moe_ffn, resolve_backend  # lazy: kernels (and triton) load only when an MoE runs
 
-        backend = self.backend or default_backend(x.device)
+        backend = resolve_backend(self.backend, x.device)
         if (
             backend == "triton"
             and isinstance(self.router, HashRouter)
             and layout.input_ids is not None
             and not (self.training and torch.is_grad_enabled())
         ):  # hash routing inside the kernel's routing step: no separate table lookup
-            from kernels.triton_moe import moe_ffn_triton_hashed
-
-            y, expert_ids = moe_ffn_triton_hashed(
-                x, layout.input_ids, self.router.table, self.fc1_weight, self.fc1_bias, self.fc2_weight,
-                self.fc2_bias, self.ln_weight, self.ln_bias, self.eps,
+            y, expert_ids = moe_ffn(
+                x, None, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.ln_weight,
+                self.ln_bias, eps=self.eps, backend=backend, hash_routing=(layout.input_ids, self.router.table),
             )  # fmt: skip
             return y, Routing(expert_ids)
         routing = self.router(x, layout)
         y = moe_ffn(
             x, routing.expert_ids, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
-            self.ln_weight, self.ln_bias, routing.scale, self.eps, self.expert_dropout_p, self.training, self.backend,
+            self.ln_weight, self.ln_bias, routing.scale, self.eps, self.expert_dropout_p, self.training, backend,
         )  # fmt: skip
         return y, routing
 
@@ -442,10 +440,10 @@ class MoEBertPreTrainedModel(PreTrainedModel):
 
     def set_moe_backend(self, backend: str | None) -> None:
         """Switch every MoE layer to `reference`, `torch`, `triton` or None (auto)."""
-        from kernels import BACKENDS
+        from kernels import check_backend
 
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"unknown MoE backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        if backend is not None:
+            check_backend(backend)
         self.config.moe_backend = backend
         for module in self.modules():
             if isinstance(module, MoEFFN):

@@ -3,13 +3,13 @@
 hash-random: each layer draws a table vocab → expert from a seed (built inside the model's HashRouter).
 hash-balance: one table for all layers from token frequencies on the training split: token ids sorted
 by frequency are dealt greedily to the currently lightest expert; unseen ids get a seeded random expert.
+The counts come from `token_counts` over texts: a plain text file here (`read_lines`), a task's own text
+columns in the training pipeline.
 """
 
 from __future__ import annotations
 
-import csv
 import heapq
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -55,56 +55,22 @@ def routed_load(table: torch.Tensor, counts: torch.Tensor, num_experts: int) -> 
     return torch.zeros(num_experts, dtype=torch.long).index_add(0, table, counts)
 
 
-def read_texts(path: str | Path) -> Iterator[str]:
-    """Every text field of a task file, for token counting: GLUE TSV, CSV, JSONL, SQuAD JSON or plain text.
+# Task files have columns that only the task knows (GLUE's per-task layout, CoLA without a header, a custom
+# "review" column): their texts are read by the training task layer (the pipeline counts them and passes
+# the counts), never guessed here.
+TASK_FILE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".ndjson", ".json")
 
-    Columns are taken as text when their header names one (sentence, question, string, text, …); labels,
-    ids and numbers are skipped.
-    """
+
+def read_lines(path: str | Path) -> Iterator[str]:
+    """The texts of a plain text file, one per non-empty line, for token counting."""
     path = Path(path)
+    if path.suffix.lower() in TASK_FILE_SUFFIXES:
+        raise ValueError(
+            f"{path}: --balance-data takes a plain text file, one text per line; for a task file use "
+            "`moebert pipeline --route hash-balance` (it counts the task's own text columns) or pass its "
+            "token counts with --balance-table"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise ValueError(f"{path}: expected SQuAD JSON with a top-level 'data' list")
-        for article in data["data"]:
-            for para in article.get("paragraphs", []):
-                yield para["context"]
-                for qa in para.get("qas", []):
-                    yield qa["question"]
-        return
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n}: not JSON ({err.msg})") from err
-                    yield from (v for k, v in row.items() if isinstance(v, str) and _is_text_column(k))
-        return
-    if suffix in (".tsv", ".csv"):
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(
-                f,
-                delimiter="\t" if suffix == ".tsv" else ",",
-                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
-            )
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{path}: empty file")
-            columns = [i for i, name in enumerate(header) if _is_text_column(name)]
-            if not columns:
-                raise ValueError(f"{path}: no text column in header {header}")
-            for row in reader:
-                yield from (row[i] for i in columns if i < len(row))
-        return
     with path.open(encoding="utf-8") as f:
-        yield from (line.rstrip("\n") for line in f if line.strip())
-
-
-def _is_text_column(name: str) -> bool:
-    name = name.lower()
-    return any(word in name for word in ("sentence", "question", "string", "text", "context", "premise", "hypothesis"))
+        yield from (line.rstrip("\r\n") for line in f if line.strip())

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from moebert.configuration import SPLIT_METHODS
+from moebert.configuration import check_moe_settings
 
 
 def neuron_order(scores: torch.Tensor | None, method: str, seed: int = 0) -> torch.Tensor:
     """Order of one layer's d_h neurons for the split. scores [d_h] (None allowed for 'random')."""
-    if method not in SPLIT_METHODS:
-        raise ValueError(f"split {method!r}: expected one of {', '.join(SPLIT_METHODS)}")
+    check_moe_settings(split=method)
     if method == "random":
         if scores is None:
             raise ValueError("neuron_order needs the layer width; pass zeros of shape [d_h] for a random split")
@@ -33,8 +32,7 @@ def neuron_order(scores: torch.Tensor | None, method: str, seed: int = 0) -> tor
 def expert_neurons(order: torch.Tensor, num_experts: int, expert_dim: int, shared_dim: int) -> torch.Tensor:
     """order [d_h] → kept [N, d_e]: the teacher neurons each expert keeps (shared first, then by rank)."""
     d_h = order.numel()
-    if not 0 <= shared_dim <= expert_dim <= d_h:
-        raise ValueError(f"need 0 ≤ shared_dim ({shared_dim}) ≤ expert_dim ({expert_dim}) ≤ FFN width ({d_h})")
+    check_moe_settings(num_experts=num_experts, expert_dim=expert_dim, shared_dim=shared_dim, ffn_width=d_h)
     shared, rest = order[:shared_dim], order[shared_dim:]
     kept = []
     for e in range(num_experts):

@@ -7,7 +7,9 @@ import functools
 import hmac
 import logging
 import os
+import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -15,8 +17,18 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.batching import Batcher, Scheduler
-from server.errors import ClientGone, Unavailable, error_body, install_error_handlers
+from server.batching import Batcher, Row, Scheduler, pad_batch
+from server.errors import (
+    ApiError,
+    BadRequest,
+    ClientGone,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    Unavailable,
+    api_error_response,
+    install_error_handlers,
+)
 from server.metrics import Metrics
 from server.middleware import install_middleware
 from server.openapi import install_security_scheme, is_guarded
@@ -153,17 +165,11 @@ def _lower_priority(nice: int) -> None:
 
 
 def _terminate_self() -> None:
-    import signal
-
     os.kill(os.getpid(), signal.SIGTERM)
 
 
 def warm_up(model) -> None:
     """Run a few batch shapes once so the first requests do not pay for lazy initialization."""
-    import time
-
-    from server.batching import Row, pad_batch
-
     for rows, length in ((1, 8), (4, 16), (8, 32), (2, 128)):
         length = min(length, model.max_seq_len)
         batch = [Row([101] + [1000] * (length - 2) + [102], [0] * length, None) for _ in range(rows)]
@@ -212,32 +218,29 @@ class Guard:
     def _reject(self, scope) -> Response | None:
         state, settings = self.state, self.state.settings
         if state.draining:
-            return self._error(503, "unavailable", "the server is shutting down", {"Connection": "close"})
+            return self._error(Unavailable("the server is shutting down", close=True))
         if not state.ready:
-            return self._error(503, "unavailable", "models are loading", {"Retry-After": "1"})
+            return self._error(Unavailable("models are loading"))
         if settings.api_key is not None:
             headers = dict(scope["headers"])
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             expected = settings.api_key.get_secret_value()
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-                return self._error(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)",
-                                   {"WWW-Authenticate": "Bearer"})  # fmt: skip
+                return self._error(Unauthorized())
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     size = int(value)
                 except ValueError:
-                    return self._error(400, "bad_request", "invalid Content-Length", {"Connection": "close"})
+                    return self._error(BadRequest("invalid Content-Length", close=True))
                 if size > settings.max_request_bytes:  # closed after the answer: its body is not worth reading
-                    return self._error(
-                        413, "payload_too_large", f"body of {size} bytes; the limit is {settings.max_request_bytes}",
-                        {"Connection": "close"},
-                    )  # fmt: skip
+                    message = f"body of {size} bytes; the limit is {settings.max_request_bytes}"
+                    return self._error(PayloadTooLarge(message, close=True))
         return None
 
-    def _error(self, status: int, type_: str, message: str, headers: dict | None = None) -> Response:
-        self.state.metrics.failures.labels(type_).inc()
-        return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+    def _error(self, err: ApiError) -> Response:
+        self.state.metrics.failures.labels(err.type).inc()
+        return api_error_response(err)
 
     async def _read_body(self, receive):
         """The whole body, read here within body_timeout_s (a slow client gets a 408) and within
@@ -255,13 +258,13 @@ class Guard:
                     size += len(chunk)
                     if size > settings.max_request_bytes:
                         message = f"the request body is over the size limit of {settings.max_request_bytes} bytes"
-                        return self._error(413, "payload_too_large", message, {"Connection": "close"}), receive
+                        return self._error(PayloadTooLarge(message, close=True)), receive
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
             message = f"the request body did not arrive within {settings.body_timeout_s:g} s"
-            return self._error(408, "request_timeout", message, {"Connection": "close"}), receive
+            return self._error(RequestTimeout(message, close=True)), receive
         body, replayed = b"".join(chunks), False
 
         async def replay():

@@ -1,30 +1,29 @@
-"""`moebert serve` and `moebert export-onnx`. Light at import time: `moebert --help` loads this module,
-so fastapi, uvicorn, torch and onnx are imported only when a command runs."""
+"""`moebert serve`: flags (or MOEBERT_SERVE_* variables) → ServerSettings → uvicorn. Light at import time
+(`moebert --help` loads this module): fastapi, uvicorn and torch are imported only when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import signal
 
-# flag → settings field; a flag left out keeps the env var (MOEBERT_SERVE_*) or the default.
+# flag → settings field; a flag left out keeps the env var (MOEBERT_SERVE_*) or the default. Values are
+# validated once, by ServerSettings (the same check for a flag and its environment variable).
 SERVE_FLAGS: list[tuple[str, dict]] = [
     (
         "--backend",
         {
-            "choices": ["auto", "torch", "onnx"],
             "help": "auto (default: a model's ONNX export on CPU when it has one, int8 first; else torch), "
             "torch, or onnx (ONNX Runtime)",
         },
     ),
     (
         "--onnx-precision",
-        {"choices": ["auto", "fp32", "int8"], "help": "onnx backend: auto (default: int8 when exported), fp32, int8"},
+        {"help": "onnx backend: auto (default: int8 when exported), fp32, int8"},
     ),
-    ("--device", {"choices": ["cpu", "cuda"], "help": "cpu (default) or cuda"}),
+    ("--device", {"help": "cpu (default) or cuda"}),
     (
         "--dtype",
         {
-            "choices": ["auto", "float32", "float16", "bfloat16"],
             "help": "torch backend weights/compute (default auto: bfloat16 on GPUs that have it, else float16; "
             "float32 on CPU)",
         },
@@ -81,19 +80,17 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
             "run by then is answered 503",
         },
     ),
-    ("--log-level", {"choices": ["debug", "info", "warning", "error"], "help": "default info"}),
+    ("--log-level", {"help": "debug, info (default), warning or error"}),
     ("--access-log", {"action": "store_const", "const": True, "help": "one JSON line per request on stderr"}),
     ("--cors-origins", {"help": "comma-separated origins browsers may call from ('*': any; default none)"}),
 ]
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run the inference service",
-        description="Serve classification and QA models over HTTP (OpenAPI at /docs). Every flag can also be "
-        "set by an environment variable: MOEBERT_SERVE_<FLAG> (e.g. MOEBERT_SERVE_MODELS='sst2=/m/sst2,squad=/m/qa', "
-        "MOEBERT_SERVE_API_KEY).",
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Serve classification and QA models over HTTP (OpenAPI at /docs). Every flag can also be set by an "
+        "environment variable: MOEBERT_SERVE_<FLAG> (e.g. MOEBERT_SERVE_MODELS='sst2=/m/sst2,squad=/m/qa', "
+        "MOEBERT_SERVE_API_KEY)."
     )
     p.add_argument(
         "--model", action="append", metavar="NAME=PATH", dest="models",
@@ -103,20 +100,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, default=None, **kw)
     p.add_argument("--no-warmup", action="store_const", const=False, dest="warmup", help="skip the warm-up batches")
     p.set_defaults(run=run_serve)
-
-    e = sub.add_parser(
-        "export-onnx",
-        help="export a model to ONNX for ONNX Runtime",
-        description="Export a dense or MoEBERT checkpoint to ONNX (routing inside the graph), optimize it with "
-        "ONNX Runtime's BERT optimizer (fused attention) and optionally quantize it to int8. Writes "
-        "<MODEL>/onnx/model.onnx (and model.int8.onnx), where `moebert serve --backend onnx` looks.",
-    )
-    e.add_argument("model", help="checkpoint folder")
-    e.add_argument("--output-dir", "-o", help="where to write (default <MODEL>/onnx)")
-    e.add_argument("--quantize", action="store_true", help="also write a dynamic int8 model (model.int8.onnx)")
-    e.add_argument("--no-optimize", action="store_true", help="skip the ORT transformer optimizer")
-    e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    e.set_defaults(run=run_export)
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -207,13 +190,3 @@ def run_serve(args: argparse.Namespace) -> None:
     server.run()
     if state.failed:
         raise ValueError(f"could not load the models: {state.failed}")
-
-
-def run_export(args: argparse.Namespace) -> None:
-    from moebert.onnx_export import export_onnx
-
-    result = export_onnx(
-        args.model, args.output_dir, quantize=args.quantize, optimize=not args.no_optimize, opset=args.opset
-    )
-    for path in result.files:
-        print(path)

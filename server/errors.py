@@ -14,15 +14,22 @@ log = logging.getLogger("moebert.server")
 
 
 class ApiError(Exception):
-    """An error with its HTTP status; `type` is a stable machine-readable name."""
+    """An error with its HTTP status; `type` is a stable machine-readable name. `close` asks the server to
+    close the connection after the answer (what is still on the wire is not worth reading)."""
 
     status = 400
     type = "bad_request"
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, headers: dict[str, str] | None = None, close: bool = False):
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if close:
+            self.headers["Connection"] = "close"
+
+
+class BadRequest(ApiError):
+    status, type = 400, "bad_request"
 
 
 class InvalidInput(ApiError):
@@ -31,6 +38,10 @@ class InvalidInput(ApiError):
 
 class PayloadTooLarge(ApiError):
     status, type = 413, "payload_too_large"
+
+
+class RequestTimeout(ApiError):
+    status, type = 408, "request_timeout"
 
 
 class UnknownModel(ApiError):
@@ -44,25 +55,21 @@ class Unauthorized(ApiError):
         super().__init__(message, {"WWW-Authenticate": "Bearer"})
 
 
-class Overloaded(ApiError):
+class _RetryLater(ApiError):
+    def __init__(self, message: str, retry_after_s: int = 1, close: bool = False):
+        super().__init__(message, {"Retry-After": str(retry_after_s)}, close)
+
+
+class Overloaded(_RetryLater):
     status, type = 429, "overloaded"
 
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message, {"Retry-After": str(retry_after_s)})
 
-
-class Unavailable(ApiError):
+class Unavailable(_RetryLater):
     status, type = 503, "unavailable"
 
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message, {"Retry-After": str(retry_after_s)})
 
-
-class DeadlineExceeded(ApiError):
+class DeadlineExceeded(_RetryLater):
     status, type = 504, "timeout"
-
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message, {"Retry-After": str(retry_after_s)})
 
 
 class ClientGone(Exception):
@@ -75,6 +82,11 @@ def error_body(type_: str, message: str) -> dict:
 
 def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+
+
+def api_error_response(err: ApiError) -> JSONResponse:
+    """The one translation of an ApiError to HTTP (exception handlers and the ASGI guard both use it)."""
+    return error_response(err.status, err.type, err.message, err.headers)
 
 
 def _describe(errors: list[dict]) -> str:
@@ -96,7 +108,7 @@ def install_error_handlers(app: FastAPI, on_error) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
         on_error(err.type)
-        return error_response(err.status, err.type, err.message, err.headers)
+        return api_error_response(err)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from server.batching import RowResult
-from server.errors import ClientGone, DeadlineExceeded, InvalidInput
+from server.errors import ClientGone, DeadlineExceeded, InvalidInput, PayloadTooLarge
 from server.metrics import Metrics
 
 
@@ -94,8 +94,6 @@ def check_text(text: str, where: str) -> None:
 
 
 def check_count(n: int, limit: int, what: str) -> None:
-    from server.errors import PayloadTooLarge
-
     if n == 0:
         raise InvalidInput(f"no {what} given")
     if n > limit:

@@ -111,13 +111,14 @@ def build_app(args: dict[str, str] | None = None):
             self.load_timeout_s = load_timeout_s
 
         def __serve_build_asgi_app__(self):
-            self.app = replica_app(self.settings, self.load_timeout_s)
-            return self.app
+            # Not `self.app`: serve.ingress gives the class an `app` property (without a setter).
+            self.service = replica_app(self.settings, self.load_timeout_s)
+            return self.service
 
         def check_health(self) -> None:
             """Ray restarts a replica whose models failed or that is stuck draining."""
-            app = getattr(self, "app", None)
-            if app is not None and app.state.moebert.failed:
-                raise RuntimeError(app.state.moebert.failed)
+            service = getattr(self, "service", None)
+            if service is not None and service.state.moebert.failed:
+                raise RuntimeError(service.state.moebert.failed)
 
     return MoEBertReplica.bind(settings, options.load_timeout_s)

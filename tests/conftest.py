@@ -115,3 +115,11 @@ def custom_data(tmp_path):
     """A tiny custom sentiment task: (train.csv, dev.csv) with string labels."""
     rows = [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
     return write_csv(tmp_path / "train.csv", rows * 3), write_csv(tmp_path / "dev.csv", rows)
+
+
+@pytest.fixture(scope="session")
+def qa_model(tiny_qa_dir):
+    """The tiny QA checkpoint as transformers' own BertForQuestionAnswering (the reference model)."""
+    from transformers import BertForQuestionAnswering
+
+    return BertForQuestionAnswering.from_pretrained(tiny_qa_dir).eval()

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: a few DDP training steps of a
+"""Run by tests/training/test_distributed.py under `torchrun --nproc_per_node 2`: a few DDP training steps of a
 tiny MoEBERT on CPU (gloo); each rank writes a digest of its parameters."""
 
 from __future__ import annotations

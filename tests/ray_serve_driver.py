@@ -1,4 +1,4 @@
-"""Run by tests/test_ray_serve.py in its own process: start a local Ray instance, deploy
+"""Run by tests/server/test_ray_serve.py in its own process: start a local Ray instance, deploy
 server.ray_serve.build_app, talk HTTP to Ray's proxy, shut everything down, print the answers as JSON."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 import httpx
 import ray
 from ray import serve
+from server_process import free_port
 
-from server.process import free_port
 from server.ray_serve import build_app
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "unflinchingly bleak and desperate"]

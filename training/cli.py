@@ -1,9 +1,16 @@
-"""`moebert finetune | importance | distill | evaluate | pipeline`: flags → typed stage configs.
-Kept light at import time (the stage modules load only when a command runs)."""
+"""The training commands' flags → typed stage configs (`moebert finetune | importance | distill | evaluate |
+predict | pipeline`; the command table is moebert_cli). Kept light at import time: the stage modules
+load only when a command runs.
+
+Under torchrun every rank runs the command: the training stages (finetune, distill, pipeline) on every
+rank, the single-process ones (importance, evaluate, predict) on rank 0 while the others wait; only
+rank 0 prints the result.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_data_args(p: argparse.ArgumentParser, stage_default_max_length: int = 128) -> None:
@@ -28,7 +35,7 @@ def add_data_args(p: argparse.ArgumentParser, stage_default_max_length: int = 12
 
 
 def data_config(args):
-    from training.common import DEFAULT_DATA_DIR, DataConfig
+    from training.tasks import DEFAULT_DATA_DIR, DataConfig
 
     max_length = args.max_length or (384 if args.task.startswith("squad") else 128)
     return DataConfig(
@@ -108,9 +115,21 @@ def optim_config(args, default=None):
     )
 
 
+def say(text) -> None:
+    """Print a command's result once: on torchrun's rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+
+
+def on_main_rank(run):
+    """A single-process stage: rank 0 runs it while any other torchrun ranks wait. → its result (rank 0)."""
+    from training.loop import Distributed
+
+    return Distributed.setup().on_main(run)
+
+
 def run_finetune(args) -> None:
-    from training.common import default_teacher
-    from training.finetune import FinetuneConfig, finetune
+    from training.finetune import FinetuneConfig, default_teacher, finetune
 
     cfg = FinetuneConfig(
         data=data_config(args),
@@ -118,7 +137,7 @@ def run_finetune(args) -> None:
         model=args.model or default_teacher(),
         optim=optim_config(args),
     )
-    print(finetune(cfg))
+    say(finetune(cfg))
 
 
 def run_importance(args) -> None:
@@ -133,7 +152,7 @@ def run_importance(args) -> None:
         output=args.output,
         seed=args.seed,
     )
-    print(score_importance(cfg))
+    say(on_main_rank(lambda: score_importance(cfg)))
 
 
 def run_distill(args) -> None:
@@ -148,21 +167,20 @@ def run_distill(args) -> None:
         distill=not args.no_distill,
         optim=optim_config(args),
     )
-    print(distill(cfg))
+    say(distill(cfg))
 
 
 def run_evaluate(args) -> None:
     from training.evaluate import EvaluateConfig, evaluate
 
-    evaluate(
-        EvaluateConfig(
-            model=args.model,
-            data=data_config(args),
-            splits=tuple(args.split) if args.split else None,
-            batch_size=args.batch_size,
-            output=args.output,
-        )
+    cfg = EvaluateConfig(
+        model=args.model,
+        data=data_config(args),
+        splits=tuple(args.split) if args.split else None,
+        batch_size=args.batch_size,
+        output=args.output,
     )
+    on_main_rank(lambda: evaluate(cfg))  # it prints its own results
 
 
 def run_predict(args) -> None:
@@ -173,12 +191,12 @@ def run_predict(args) -> None:
         splits=tuple(args.split) if args.split else None, batch_size=args.batch_size,
         null_threshold=args.null_threshold,
     )  # fmt: skip
-    for path in predict(cfg):
+    for path in on_main_rank(lambda: predict(cfg)) or []:
         print(path)
 
 
 def run_pipeline(args) -> None:
-    from training.common import default_teacher
+    from training.finetune import default_teacher
     from training.pipeline import PipelineConfig, run_pipeline, task_defaults
 
     ft, ds, _ = task_defaults(args.task)
@@ -203,7 +221,7 @@ def run_pipeline(args) -> None:
         distill=not args.no_distill,
         seed=args.seed,
     )
-    print(json_dump(run_pipeline(cfg)))
+    say(json_dump(run_pipeline(cfg)))
 
 
 def json_dump(x) -> str:
@@ -212,25 +230,17 @@ def json_dump(x) -> str:
     return json.dumps(x, indent=1)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from moebert.configuration import ROUTE_METHODS, SPLIT_METHODS
-
-    p = sub.add_parser(
-        "finetune",
-        help="fine-tune a dense BERT teacher on a task",
-        description="Fine-tune a dense BERT on a task: AdamW, linear decay, clipping, eval each epoch, keep the best.",
-    )
+def finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Fine-tune a dense BERT on a task: AdamW, linear decay, clipping, eval each epoch, keep the best."
     p.add_argument("--model", help="pretrained BERT folder or hub id (default: the offline all-MiniLM-L6-v2)")
     p.add_argument("--output-dir", "-o", required=True, help="folder for the fine-tuned teacher")
     add_data_args(p)
     add_optim_args(p, lr=5e-5, epochs=3.0)
     p.set_defaults(run=run_finetune)
 
-    p = sub.add_parser(
-        "importance",
-        help="score every FFN neuron's importance (METHOD.md §1)",
-        description="Per-example importance of each FFN neuron on a sample of the training split.",
-    )
+
+def importance_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Per-example importance of each FFN neuron on a sample of the training split."
     p.add_argument("model", help="the fine-tuned dense teacher folder")
     p.add_argument("--samples", type=int, default=2048, help="training examples to score (default 2048)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per backward pass (default 16)")
@@ -245,11 +255,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.set_defaults(run=run_importance)
 
-    p = sub.add_parser(
-        "distill",
-        help="train a MoEBERT student with layer-wise distillation",
-        description="Layer-wise distillation (METHOD.md §4) from the frozen dense teacher into a converted student.",
-    )
+
+def distill_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Layer-wise distillation (METHOD.md §4) from the frozen dense teacher into a converted student."
     p.add_argument("student", help="the converted MoEBERT folder (from `moebert convert`)")
     p.add_argument("--teacher", help="the fine-tuned dense teacher folder (not needed with --no-distill)")
     p.add_argument("--output-dir", "-o", required=True, help="folder for the trained student")
@@ -261,11 +269,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_optim_args(p, lr=3e-5, epochs=5.0)
     p.set_defaults(run=run_distill)
 
-    p = sub.add_parser(
-        "evaluate",
-        help="evaluate a dense or MoEBERT checkpoint on a task split",
-        description="Evaluate a checkpoint on a task's dev split(s) (or --split); print and write metrics JSON.",
-    )
+
+def evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Evaluate a checkpoint on a task's dev split(s) (or --split); print and write metrics JSON."
     p.add_argument("model", help="checkpoint folder or hub id")
     p.add_argument(
         "--split", action="append", help="split name, e.g. dev or dev_matched (repeatable; default the dev splits)"
@@ -275,12 +281,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.set_defaults(run=run_evaluate)
 
-    p = sub.add_parser(
-        "predict",
-        help="write leaderboard prediction files (GLUE test TSVs, SQuAD predictions.json)",
-        description="GLUE: <TASK>.tsv (SST-2.tsv, MNLI-m.tsv, ...) with index<TAB>prediction for the test split(s), "
+
+def predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "GLUE: <TASK>.tsv (SST-2.tsv, MNLI-m.tsv, ...) with index<TAB>prediction for the test split(s), "
         "ready to zip for gluebenchmark.com. SQuAD: predictions.json (+ na_probs.json for squad_v2) for the official "
-        "evaluate scripts.",
+        "evaluate scripts."
     )
     p.add_argument("model", help="checkpoint folder")
     p.add_argument("--output-dir", "-o", required=True, help="folder for the prediction files")
@@ -295,11 +301,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.set_defaults(run=run_predict)
 
-    p = sub.add_parser(
-        "pipeline",
-        help="finetune → importance → convert → distill → evaluate, resumable",
-        description="All stages with per-task defaults; a stage whose output matches its inputs is skipped.",
-    )
+
+def pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    from moebert.configuration import ROUTE_METHODS, SPLIT_METHODS
+
+    p.description = "All stages with per-task defaults; a stage whose output matches its inputs is skipped."
     p.add_argument("--output-dir", "-o", required=True, help="folder for all stage outputs")
     p.add_argument("--teacher", help="pretrained BERT to fine-tune (default: the offline all-MiniLM-L6-v2)")
     p.add_argument("--finetuned-teacher", help="skip fine-tuning: use this dense fine-tuned model")

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from moebert.loading import load_model
-from training.checkpoint import fingerprint, resume_folder, stage_output
-from training.common import DataConfig, device_of, label_names_of, tokenizer_for, write_json
+from training.datasets import label_names_of, load_data, tokenizer_for
+from training.evaluate import device_of, evaluate_model
 from training.loop import Distributed, OptimConfig, fit
+from training.stages import Stage, resume_folder, write_json
+from training.tasks import DataConfig
 from training.teacher_cache import TeacherCache, build_cache, cache_bytes, cache_path
 from training.train_state import STATE_DIR
 
@@ -31,9 +33,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class DistillConfig:
     student: str  # the converted MoEBERT folder (or a pruned dense one)
-    teacher: str | None  # the fine-tuned dense teacher (None only without distillation)
     data: DataConfig
     output_dir: str
+    teacher: str | None = None  # the fine-tuned dense teacher (not needed without distillation)
     distill_weight: float = 1.0  # λ
     distill: bool = True  # False: task loss only (ablation)
     # Store the teacher's outputs on the training set once (beside the teacher, shared by students) when
@@ -112,6 +114,10 @@ def make_distill_loss(teacher, weight: float, enabled: bool, cache: TeacherCache
     return DistillLoss(teacher, weight, enabled, cache)
 
 
+def distill_stage(cfg: DistillConfig) -> Stage:
+    return Stage("distill", asdict(cfg), Path(cfg.output_dir), (cfg.student, cfg.teacher))
+
+
 def distill(cfg: DistillConfig) -> Path:
     spec = cfg.data.spec()
     torch.manual_seed(cfg.optim.seed)
@@ -123,17 +129,16 @@ def distill(cfg: DistillConfig) -> Path:
         if teacher.config.num_hidden_layers != student.config.num_hidden_layers:
             raise ValueError("layer-wise distillation needs teacher and student with the same number of layers")
     labels = label_names_of(student.config)
-    train = cfg.data.load(spec.train_split, tokenizer, training=True, label_names=labels, limit=cfg.data.train_limit)
-    dev = cfg.data.load(spec.dev_splits[0], tokenizer, training=False, label_names=labels, limit=cfg.data.eval_limit)
-    config_dict = asdict(cfg)
-    fp = fingerprint(config_dict, [cfg.student, cfg.teacher])
+    train = load_data(cfg.data, spec.train_split, tokenizer, training=True, label_names=labels,
+                      limit=cfg.data.train_limit)  # fmt: skip
+    dev = load_data(cfg.data, spec.dev_splits[0], tokenizer, training=False, label_names=labels,
+                    limit=cfg.data.eval_limit)  # fmt: skip
+    stage = distill_stage(cfg)
     d = Distributed.setup()
     if teacher is not None:
         teacher.to("cuda" if torch.cuda.is_available() else "cpu")
     cache = _teacher_cache(cfg, teacher, train, d)
-    from training.data import evaluate_model
-
-    with stage_output(cfg.output_dir, "distill", fp, config_dict, cfg.overwrite, resumable=True) as tmp:
+    with stage.writing(cfg.overwrite, resumable=True) as tmp:
         result = fit(
             student,
             train,
@@ -143,7 +148,7 @@ def distill(cfg: DistillConfig) -> Path:
             main_metric=spec.main_metric,
             save=lambda m, metrics: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
             log_dir=tmp,
-            resume_dir=resume_folder(cfg.output_dir, fp) / STATE_DIR,
+            resume_dir=resume_folder(cfg.output_dir, stage.fingerprint) / STATE_DIR,
             desc=f"distill {spec.name}",
         )
         if d.is_main:

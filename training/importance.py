@@ -12,6 +12,9 @@ Tokens of different examples never mix in BERT (eval mode, padding masked), so o
 the summed per-example losses yields every example's exact terms; the absolute value is then taken
 per example, as the definition requires. `method="batch-of-one"` computes the same quantity the slow,
 obvious way (one example per backward, w · grad from autograd) and serves as the test reference.
+
+The file (default <teacher>/importance.safetensors) is a stage output (training.stages): written
+atomically, its record beside it (importance.stage.json).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from tqdm.auto import tqdm
 from moebert.convert import IMPORTANCE_FILE
 from moebert.loading import load_model
 from moebert.splitting import save_importance
-from training.common import DataConfig, tokenizer_for
+from training.datasets import label_names_of, load_data, tokenizer_for
+from training.stages import Stage
+from training.tasks import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,14 @@ def importance_batch_of_one(model, dataset, collate, desc: str = "importance (ba
     return [s.float() for s in scores]
 
 
+def importance_stage(cfg: ImportanceConfig) -> Stage:
+    """The importance file and its record. The file's location is not part of what it holds (left out of
+    the config): rows that share a teacher share its importance."""
+    out = Path(cfg.output) if cfg.output else Path(cfg.model) / IMPORTANCE_FILE
+    config = {k: v for k, v in asdict(cfg).items() if k != "output"}
+    return Stage("importance", config, out, (cfg.model,), file=True)
+
+
 def score_importance(cfg: ImportanceConfig) -> Path:
     """Score the teacher's neurons and write the importance file (safetensors: scores and order per layer)."""
     if cfg.method not in ("closed-form", "batch-of-one"):
@@ -122,11 +135,10 @@ def score_importance(cfg: ImportanceConfig) -> Path:
     model = load_model(cfg.model)
     tokenizer = tokenizer_for(cfg.model)
     spec = cfg.data.spec()
-    from training.common import label_names_of
-
-    data = cfg.data.load(
-        spec.train_split, tokenizer, training=True, label_names=label_names_of(model.config), limit=cfg.data.train_limit
-    )
+    data = load_data(
+        cfg.data, spec.train_split, tokenizer, training=True, label_names=label_names_of(model.config),
+        limit=cfg.data.train_limit,
+    )  # fmt: skip
     n = len(data.dataset)
     picked = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.samples].sort().values
     subset = Subset(data.dataset, picked.tolist())
@@ -136,8 +148,7 @@ def score_importance(cfg: ImportanceConfig) -> Path:
         scores = importance_closed_form(model, loader)
     else:
         scores = importance_batch_of_one(model, subset, data.collate)
-    out = Path(cfg.output) if cfg.output else Path(cfg.model) / IMPORTANCE_FILE
-    tmp = out.with_name(f".{out.name}.tmp")
+    stage = importance_stage(cfg)
     meta = {
         "teacher": str(cfg.model),
         "task": spec.name,
@@ -146,6 +157,6 @@ def score_importance(cfg: ImportanceConfig) -> Path:
         "seed": str(cfg.seed),
         "config": str(asdict(cfg)),
     }
-    save_importance(tmp, scores, meta)
-    tmp.replace(out)  # atomic: a half-written importance file never carries the final name
-    return out
+    with stage.writing() as tmp:
+        save_importance(tmp, scores, meta)
+    return stage.output

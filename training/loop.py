@@ -16,15 +16,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from moebert.modeling import MoEBertSelfAttention
 from training.sampling import TrainBatches
 from training.train_state import TrainState, load_state, save_state
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -105,6 +108,21 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier()
 
+    def on_main(self, run: Callable[[], T]) -> T | None:
+        """A single-process stage under torchrun: rank 0 runs it while the others wait, then every rank
+        goes on (reading what rank 0 wrote). → run()'s result on rank 0, None elsewhere."""
+        result = run() if self.is_main else None
+        self.barrier()
+        return result
+
+    def from_main(self, value):
+        """Rank 0's `value` on every rank, so that all ranks take the same decision (e.g. skip a stage)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def default_device(d: Distributed) -> torch.device:
     return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -141,8 +159,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def set_attention_dropout(model: torch.nn.Module, rate: float) -> None:
     """Attention-probability dropout of every self-attention (not the experts' own dropout)."""
-    from moebert.modeling import MoEBertSelfAttention
-
     for module in model.modules():
         if isinstance(module, MoEBertSelfAttention):
             module.attention_dropout_p = rate

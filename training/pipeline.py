@@ -1,27 +1,35 @@
 """All stages in one command: finetune → importance → convert → distill → evaluate, with per-task
 defaults (METHOD.md Table 7 adapted to one CPU/GPU). Resumable: a stage whose output exists and was
-made from the same inputs and config (its fingerprint) is skipped.
+made from the same inputs and config (its fingerprint, training.stages) is skipped.
 
-Layout of output_dir:  teacher/  importance.safetensors  moe/  student/  results.json
+Layout of output_dir:  teacher/  importance.safetensors  [balance_counts.safetensors]  moe/  student/
+eval_teacher.json  eval_moebert.json  results.json  (each stage output with its stage record)
+
+Under torchrun every rank runs this function: fine-tuning and distillation train on every rank (DDP,
+rank 0 publishes); importance, the hash-balance counts, convert and evaluation run on rank 0 while the
+others wait at a barrier, then every rank reads the finished folders.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors.torch import save_file
 
-from moebert.convert import ConvertConfig, convert
-from training.checkpoint import STAGE_FILE, fingerprint, finished
-from training.common import DataConfig, default_teacher, write_json
-from training.distill import DistillConfig, check_distill_weight, distill
+from moebert.configuration import check_moe_settings
+from moebert.convert import ConvertConfig, convert_into
+from moebert.loading import load_config
+from training.datasets import task_token_counts, tokenizer_for
+from training.distill import DistillConfig, check_distill_weight, distill, distill_stage
 from training.evaluate import EvaluateConfig, evaluate
-from training.finetune import FinetuneConfig, finetune
-from training.importance import ImportanceConfig, score_importance
+from training.finetune import FinetuneConfig, default_teacher, finetune, finetune_stage
+from training.importance import ImportanceConfig, importance_stage, score_importance
 from training.loop import Distributed, OptimConfig
+from training.stages import Stage, write_json
+from training.tasks import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,44 +74,44 @@ class PipelineConfig:
             check_distill_weight(self.distill_weight)
         if self.importance_samples < 1:
             raise ValueError(f"importance_samples must be ≥ 1, got {self.importance_samples}")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be ≥ 1, got {self.num_experts}")
+        check_moe_settings(
+            route=self.route, split=self.split, num_experts=self.num_experts, expert_dim=self.expert_dim,
+            shared_dim=self.shared_dim,
+        )  # fmt: skip
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run (or skip, when up to date) every stage; → {"teacher": {split: metrics}, "moebert": ...} on
+    rank 0 ({} on the other ranks under torchrun)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    d = Distributed.setup()
     ft_default, ds_default, lam_default = task_defaults(cfg.data.task)
     ft_optim = replace(cfg.finetune_optim or ft_default, seed=cfg.seed)
     ds_optim = replace(cfg.distill_optim or ds_default, seed=cfg.seed)
     lam = cfg.distill_weight if cfg.distill_weight is not None else lam_default
 
-    # 1. teacher
+    # 1. teacher (every rank trains)
     if cfg.finetuned_teacher:
         teacher = cfg.finetuned_teacher
     else:
         teacher = str(out / "teacher")
         ft = FinetuneConfig(data=cfg.data, output_dir=teacher, model=cfg.teacher, optim=ft_optim)
-        _run_stage("finetune", ft, teacher, [cfg.teacher], lambda: finetune(ft))
-
-    # Under torchrun, fine-tuning and distillation train on every rank (they publish from rank 0 and wait
-    # for it); the single-process stages run on rank 0 while the others wait, then read its folders.
-    d = Distributed.setup()
+        _run_stage(finetune_stage(ft), lambda: finetune(ft), d, every_rank=True)
 
     # 2. importance (not needed for a random split)
     importance = Path(cfg.importance_file) if cfg.importance_file else out / "importance.safetensors"
-    if cfg.split != "random" and d.is_main:
+    if cfg.split != "random":
         imp = ImportanceConfig(
             model=teacher, data=cfg.data, samples=cfg.importance_samples, output=str(importance), seed=cfg.seed
         )
-        # The file's location is not part of what it holds: rows sharing a teacher share its importance.
-        imp_fp = fingerprint({k: v for k, v in asdict(imp).items() if k != "output"}, [teacher])
-        if _importance_fingerprint(importance) == imp_fp:
-            log.info("importance: up to date, skipped (%s)", importance)
-        else:
-            score_importance(imp)
-            _stamp_importance(importance, imp_fp)
-    d.barrier()
+        _run_stage(importance_stage(imp), lambda: score_importance(imp), d)
+
+    # 2b. hash-balance: token counts of the task's own text columns
+    balance = None
+    if cfg.route == "hash-balance":
+        balance = balance_stage(cfg.data, teacher, out / "balance_counts.safetensors")
+        _run_stage(balance, lambda: write_balance_counts(balance, cfg.data, teacher), d)
 
     # 3. convert
     moe = str(out / "moe")
@@ -111,101 +119,69 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         teacher=teacher, output_dir=moe, num_experts=cfg.num_experts, expert_dim=cfg.expert_dim,
         shared_dim=cfg.shared_dim, route=cfg.route, split=cfg.split,
         importance=str(importance) if cfg.split != "random" else None, seed=cfg.seed, overwrite=True,
-        balance_table=str(_balance_counts(cfg.data, teacher, out)) if cfg.route == "hash-balance" and d.is_main
-        else None,
+        balance_table=str(balance.output) if balance is not None else None,
     )  # fmt: skip
-    if d.is_main:
-        convert_inputs = [teacher, importance if cfg.split != "random" else None]
-        _run_stage("convert", conv, moe, convert_inputs, lambda: convert(conv), stamp=True)
-    d.barrier()
+    inputs = (teacher, importance if cfg.split != "random" else None, balance.output if balance else None)
+    convert_stage = Stage("convert", asdict(conv), Path(moe), inputs)
+    _run_stage(convert_stage, lambda: _convert(convert_stage, conv), d)
 
-    # 4. distill
+    # 4. distill (every rank trains)
     student = str(out / "student")
     ds = DistillConfig(student=moe, teacher=teacher, data=cfg.data, output_dir=student, distill_weight=lam,
                        distill=cfg.distill, optim=ds_optim)  # fmt: skip
-    _run_stage("distill", ds, student, [moe, teacher], lambda: distill(ds))
+    _run_stage(distill_stage(ds), lambda: distill(ds), d, every_rank=True)
 
     # 5. evaluate teacher and student on the dev split(s), on rank 0
     results = {}
-    if not d.is_main:
-        d.barrier()
-        return results
-    for name, path in (("teacher", teacher), ("moebert", student)):
-        if name == "teacher" and not cfg.evaluate_teacher:
-            continue
-        results[name] = evaluate(
-            EvaluateConfig(model=path, data=cfg.data, output=str(out / f"eval_{name}.json"), reuse=True)
-        )
-    write_json(out / "results.json", {"config": asdict(cfg), "results": results})
+    if d.is_main:
+        for name, path in (("teacher", teacher), ("moebert", student)):
+            if name == "teacher" and not cfg.evaluate_teacher:
+                continue
+            results[name] = evaluate(
+                EvaluateConfig(model=path, data=cfg.data, output=str(out / f"eval_{name}.json"), reuse=True)
+            )
+        write_json(out / "results.json", {"config": asdict(cfg), "results": results})
     d.barrier()
     return results
 
 
-def _run_stage(name: str, stage_cfg, out_dir: str, inputs: list, run, stamp: bool = False) -> None:
-    # finetune and distill compute this same fingerprint themselves and write stage.json; convert
-    # (a model-core function that knows nothing of stages) is stamped here once it has finished.
-    config_dict = asdict(stage_cfg)
-    fp = fingerprint(config_dict, inputs)
-    if finished(out_dir, fp):
-        log.info("%s: up to date, skipped (%s)", name, out_dir)
-        return
-    log.info("%s: running → %s", name, out_dir)
-    run()
-    if stamp:
-        (Path(out_dir) / STAGE_FILE).write_text(
-            json.dumps({"stage": name, "fingerprint": fp, "config": config_dict}, default=str)
-        )
+def _run_stage(stage: Stage, run: Callable[[], object], d: Distributed, every_rank: bool = False) -> None:
+    """Run `stage` unless its output is up to date. every_rank: a training stage that every torchrun rank
+    takes part in (rank 0's view of "done" decides for all); else rank 0 runs it while the others wait."""
 
+    def run_unless_done() -> None:
+        if stage.done():
+            log.info("%s: up to date, skipped (%s)", stage.name, stage.output)
+        else:
+            log.info("%s: running → %s", stage.name, stage.output)
+            run()
 
-def _balance_counts(data: DataConfig, teacher: str, out: Path) -> Path:
-    """hash-balance: token frequencies of the task's own text columns (as the task reads them: any GLUE
-    task, custom columns, sentence pairs, SQuAD questions and contexts) → balance_counts.safetensors.
-    Rewritten only when the data or tokenizer changed, so an up-to-date convert stays up to date."""
-    from safetensors.torch import save_file
-
-    from moebert.loading import load_config
-    from moebert.routing import token_counts
-    from training.common import tokenizer_for
-    from training.data import read_examples
-
-    path = out / "balance_counts.safetensors"
-    fp = fingerprint({k: v for k, v in asdict(data).items() if k not in ("eval_limit", "dev_file")}, [teacher])
-    if _importance_fingerprint(path) == fp:
-        return path
-    spec = data.spec()
-    train = data.path(spec.train_split)
-    if spec.kind == "qa":
-        from training.squad import read_squad
-
-        examples = read_squad(train, v2=spec.name == "squad_v2", limit=data.train_limit)
-        texts = (t for e in examples for t in (e.question, e.context))
+    if not every_rank:
+        d.on_main(run_unless_done)
+    elif d.from_main(stage.done()):
+        log.info("%s: up to date, skipped (%s)", stage.name, stage.output)
     else:
-        examples, _ = read_examples(spec, train, data.train_limit)
-        texts = (t for e in examples for t in (e.text, e.text_pair) if t)
-    counts = token_counts(texts, tokenizer_for(teacher), load_config(teacher).vocab_size)
-    if not counts.any():
-        raise ValueError(f"{train}: no tokens found to balance the hash table on")
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"token_counts": counts}, str(tmp), metadata={"fingerprint": fp})
-    tmp.replace(path)
-    return path
+        log.info("%s: running → %s", stage.name, stage.output)
+        run()
 
 
-def _importance_fingerprint(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("fingerprint")
-    except Exception:  # an unreadable file is simply recomputed
-        return None
+def _convert(stage: Stage, conv: ConvertConfig) -> None:
+    # moebert's convert knows nothing of stages: it fills the stage's temporary folder, published with its record.
+    with stage.writing() as tmp:
+        convert_into(conv, tmp)
 
 
-def _stamp_importance(path: Path, fp: str) -> None:
-    from safetensors.torch import load_file, save_file
+def balance_stage(data: DataConfig, teacher: str, output: Path) -> Stage:
+    """hash-balance token counts: rewritten only when the training data or tokenizer changed, so an
+    up-to-date convert stays up to date (the dev file and evaluation limit do not count)."""
+    config = {k: v for k, v in asdict(data).items() if k not in ("eval_limit", "dev_file")}
+    return Stage("balance", config, output, (teacher,), file=True)
 
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(load_file(str(path)), str(tmp), metadata={**meta, "fingerprint": fp})
-    tmp.replace(path)
+
+def write_balance_counts(stage: Stage, data: DataConfig, teacher: str) -> Path:
+    """Token frequencies of the task's own text columns, as the task reads them (any GLUE task, custom
+    columns, sentence pairs, SQuAD questions and contexts) → safetensors `token_counts` [vocab]."""
+    counts = task_token_counts(data, tokenizer_for(teacher), load_config(teacher).vocab_size)
+    with stage.writing() as tmp:
+        save_file({"token_counts": counts}, str(tmp))
+    return stage.output

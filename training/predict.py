@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from training.common import DataConfig, label_names_of, tokenizer_for, write_json
+from moebert.atomic import write_text
+from moebert.loading import load_model
+from training.datasets import label_names_of, load_data, tokenizer_for
+from training.evaluate import predict as run_model
+from training.stages import write_json
+from training.tasks import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +66,6 @@ class PredictConfig:
 
 def predict(cfg: PredictConfig) -> list[Path]:
     """Write the prediction files into cfg.output_dir; → the paths written."""
-    from moebert.loading import load_model
-    from training.data import predict as run_model
-
     if not math.isfinite(cfg.null_threshold):
         raise ValueError(f"null_threshold must be a finite number, got {cfg.null_threshold}")
     spec = cfg.data.spec()
@@ -80,9 +80,10 @@ def predict(cfg: PredictConfig) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for split in splits:
-        data = cfg.data.load(
-            split, tokenizer, training=False, label_names=label_names_of(model.config), limit=cfg.data.eval_limit
-        )
+        data = load_data(
+            cfg.data, split, tokenizer, training=False, label_names=label_names_of(model.config),
+            limit=cfg.data.eval_limit,
+        )  # fmt: skip
         result = run_model(model, data, batch_size=cfg.batch_size, device=device, null_threshold=cfg.null_threshold)
         if spec.kind == "qa":
             written += _write_squad(out, data, result, cfg)
@@ -111,9 +112,7 @@ def _write_glue(out: Path, data, logits: torch.Tensor, split: str) -> Path:
     else:
         predictions = [task.label_values[i] for i in logits.argmax(-1).tolist()]
     path = out / submission_name(task.name, split)
-    _write_atomically(
-        path, "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in zip(indices, predictions, strict=True))
-    )
+    write_text(path, "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in zip(indices, predictions, strict=True)))
     return path
 
 
@@ -135,22 +134,11 @@ def _write_squad(out: Path, data, result: dict, cfg: PredictConfig) -> list[Path
     ids = [e.id for e in data.examples]
     predictions = {i: result["predictions"][i] for i in ids}
     paths = [out / "predictions.json"]
-    _write_atomically(paths[0], json.dumps(predictions, ensure_ascii=False, indent=1) + "\n")
+    write_text(paths[0], json.dumps(predictions, ensure_ascii=False, indent=1) + "\n")
     if data.task.name == "squad_v2":
         paths.append(out / "na_probs.json")
-        _write_atomically(paths[1], json.dumps({i: result["na_probs"][i] for i in ids}, indent=1) + "\n")
+        write_text(paths[1], json.dumps({i: result["na_probs"][i] for i in ids}, indent=1) + "\n")
     return paths
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sigmoid(x: float) -> float:

@@ -7,6 +7,9 @@ and MoEBERT are reported with: windows of max_length tokens overlapping by doc_s
 not wholly inside a window labelled as [CLS]; at evaluation the best span by start + end logit over
 all windows (20 best starts and ends per window, at most 30 tokens), and for v2.0 "no answer" when
 the smallest [CLS] score beats it.
+
+Imports the task layer (training.tasks, training.features) and nothing above it: training.datasets
+dispatches a QA split here, training.evaluate decodes predictions with `decode_predictions`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from moebert.qa import QAWindow, make_windows_batch
-from training.data import DataError, EncodedDataset, TaskData, TaskSpec, where
+from training.features import EncodedDataset, TaskData
+from training.tasks import DataError, TaskSpec, where
 
 N_BEST = 20  # run_qa's n_best_size
 MAX_ANSWER_LEN = 30  # run_qa's max_answer_length (tokens)

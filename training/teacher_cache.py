@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from training.checkpoint import fingerprint
+from moebert.atomic import atomic_file
+from training.stages import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,8 @@ def build_cache(teacher, data, path: Path, batch_size: int = 64) -> Path:
         teacher.train(was_training)
         tensors = {"hidden": hidden, "offsets": offsets}
         tensors |= {"start_logits": starts, "end_logits": ends} if qa else {"logits": logits}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp))
         log.info("teacher outputs: %d examples, %.2f GB → %s", n, path.stat().st_size / 1e9, path)
     return path
 

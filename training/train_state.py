@@ -2,19 +2,20 @@
 
 One folder `resume/` inside the stage's (stable) temporary folder: `state.safetensors` holds the model
 weights, AdamW's moments and the RNG state; `state.json` the step, the position in the epoch, the
-scheduler, the best metrics and the history. Written to a side folder and renamed, so a kill mid-write
+scheduler, the best metrics and the history. Written atomically (moebert.atomic), so a kill mid-write
 leaves the previous state intact. safetensors, not pickle: a resume state is loaded without running code.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from moebert.atomic import atomic_folder
 
 STATE_DIR = "resume"
 
@@ -30,10 +31,6 @@ class TrainState:
 
 
 def save_state(folder: Path, state: TrainState, model, optimizer, scheduler) -> None:
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".writing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     steps = {}
@@ -44,17 +41,15 @@ def save_state(folder: Path, state: TrainState, model, optimizer, scheduler) -> 
             else:
                 steps[f"{idx}.{key}"] = value
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, tmp / "state.safetensors")
     meta = {
         **state.__dict__,
         "param_groups": opt["param_groups"],
         "optim_scalars": steps,
         "scheduler": scheduler.state_dict(),
     }
-    (tmp / "state.json").write_text(json.dumps(meta, default=float))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta, default=float))
 
 
 def load_state(folder: Path, model, optimizer, scheduler) -> TrainState | None:

@@ -31,13 +31,18 @@ from .configuration_moebert import MoEBertConfig
 BACKENDS = ("reference", "torch", "triton", "export")
 
 
-def default_backend(device: torch.device) -> str:
-    """The portable copy always runs the grouped torch path (a "triton" request falls back to it)."""
+def check_backend(name, source="MoE backend"):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown {source} {name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def resolve_backend(requested, device):
+    """The portable copy runs the grouped torch path (a "triton" request falls back to it), or the
+    reference when asked for."""
+    if requested is not None and check_backend(requested) in ("reference", "export"):
+        return "reference"
     return "torch"
-
-
-def moe_ffn_triton_hashed(*args, **kwargs):
-    raise NotImplementedError("the portable copy of MoEBERT has no Triton kernel")
 
 
 def moe_ffn_reference(
@@ -117,10 +122,14 @@ def moe_ffn_grouped(
 
 def moe_ffn(
     x, expert_ids, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ln_weight=None, ln_bias=None, scale=None,
-    eps=1e-12, dropout_p=0.0, training=False, backend=None,
+    eps=1e-12, dropout_p=0.0, training=False, backend=None, hash_routing=None,
 ):
     """Top-1 MoE FFN. x [T, d], expert_ids [T] → [T, d]."""
-    if backend in ("reference", "export") and not (training and dropout_p > 0.0 and torch.is_grad_enabled()):
+    if hash_routing is not None:
+        raise NotImplementedError("the portable copy of MoEBERT has no Triton kernel")
+    if resolve_backend(backend, x.device) == "reference" and not (
+        training and dropout_p > 0.0 and torch.is_grad_enabled()
+    ):
         return moe_ffn_reference(
             x, expert_ids, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ln_weight, ln_bias, scale, eps
         )
@@ -400,23 +409,22 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, Routing]:
         """x [N, d] → y [N, d] and the routing used"""
-
-        backend = "torch" if self.backend == "triton" else (self.backend or default_backend(x.device))
+        backend = resolve_backend(self.backend, x.device)
         if (
             backend == "triton"
             and isinstance(self.router, HashRouter)
             and layout.input_ids is not None
             and not (self.training and torch.is_grad_enabled())
         ):  # hash routing inside the kernel's routing step: no separate table lookup
-            y, expert_ids = moe_ffn_triton_hashed(
-                x, layout.input_ids, self.router.table, self.fc1_weight, self.fc1_bias, self.fc2_weight,
-                self.fc2_bias, self.ln_weight, self.ln_bias, self.eps,
+            y, expert_ids = moe_ffn(
+                x, None, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.ln_weight,
+                self.ln_bias, eps=self.eps, backend=backend, hash_routing=(layout.input_ids, self.router.table),
             )  # fmt: skip
             return y, Routing(expert_ids)
         routing = self.router(x, layout)
         y = moe_ffn(
             x, routing.expert_ids, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
-            self.ln_weight, self.ln_bias, routing.scale, self.eps, self.expert_dropout_p, self.training, self.backend,
+            self.ln_weight, self.ln_bias, routing.scale, self.eps, self.expert_dropout_p, self.training, backend,
         )  # fmt: skip
         return y, routing
 
@@ -545,8 +553,8 @@ class MoEBertPreTrainedModel(PreTrainedModel):
 
     def set_moe_backend(self, backend: str | None) -> None:
         """Switch every MoE layer to `reference`, `torch`, `triton` or None (auto)."""
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"unknown MoE backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        if backend is not None:
+            check_backend(backend)
         self.config.moe_backend = backend
         for module in self.modules():
             if isinstance(module, MoEFFN):
