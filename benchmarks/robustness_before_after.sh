@@ -20,12 +20,19 @@ import sys
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 EOF
 
-prepare() { # NAME COMMIT: a worktree of COMMIT with this checkout's tests, fixtures and server harness
+# The tests, fixtures and server harness as they were when these runs were made (flat tests/, server/process.py):
+# the adapted variants below import them by those names. Later checkouts moved them (tests/server/...,
+# benchmarks/server_process.py); the pre-fix code is run with this fixed set of tests.
+TESTS_AT=${TESTS_AT:-44782a1}
+prepare() { # NAME COMMIT: a worktree of COMMIT with the tests, fixtures and server harness of $TESTS_AT
     local dir=/tmp/rb12-$1
     git -C "$repo" worktree add -f --detach "$dir" "$2" >/dev/null 2>&1 || return 1
-    cp "$repo"/tests/{test_server_robustness.py,conftest.py,test_qa.py,test_server.py} "$dir/tests/"
-    cp -r "$repo/tests/fixtures/." "$dir/tests/fixtures/"
-    cp "$repo/server/process.py" "$dir/server/"
+    rm -rf "$dir/tests"
+    git -C "$repo" archive "$TESTS_AT" tests/test_server_robustness.py tests/conftest.py tests/test_qa.py \
+        tests/test_server.py tests/fixtures server/process.py | tar -x -C "$dir"
+    # a checkout whose `moebert` command lives in moebert_cli (the harness starts `python -m moebert.cli serve`)
+    [ -d "$dir/moebert_cli" ] && sed -i 's/"moebert\.cli"/"moebert_cli"/' "$dir/server/process.py"
+    return 0
 }
 extract() { # FILE DIR: the results file's python block that starts with '# file: FILE' → DIR/tests/FILE
     awk -v f="# file: $1" '$0 == f {on = 1} on && /^```$/ {exit} on' "$results" >"$2/tests/$1"
@@ -73,7 +80,7 @@ for stage in $stages; do
         run pre708 /tmp/rb12-pre708 1 $T::test_an_oversized_body_gets_413_and_a_closed_connection
         ;;
     head) # this checkout: every original test; the adapted variants that use no pre-fix-only interface
-        run head-original "$repo" 0 $T
+        run head-original "$repo" 0 tests/server/test_server_robustness.py
         prepare head HEAD || continue
         extract test_adapted_old_interface.py /tmp/rb12-head
         extract test_adapted_pre_1e54db7.py /tmp/rb12-head
