@@ -148,12 +148,10 @@ def test_settings_dtype_and_cuda_graphs(monkeypatch):
 
 
 def test_cli_flags_reach_the_settings():
-    import argparse
+    from moebert_cli import build_parser
+    from server.cli import settings_from_args
 
-    from server.cli import add_commands, settings_from_args
-
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["serve", "--model", "m=/x", "--device", "cuda", "--dtype", "float16", "--no-cuda-graphs"])
     s = settings_from_args(args)
     assert (s.device, s.dtype, s.cuda_graphs) == ("cuda", "float16", False)

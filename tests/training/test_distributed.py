@@ -23,13 +23,14 @@ pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists() and shutil.which("to
 
 
 def run_torchrun(launch: list[str], out: Path, program: list[str] | None = None, timeout_s: int = 180) -> None:
-    """2 processes under torchrun: `program` (default tests/ddp_worker.py writing into `out`)."""
-    worker = REPO / "tests" / "ddp_worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent.parent)}
+    """2 processes under torchrun: `program` (default tests/ddp_worker.py, writing into `out`)."""
+    # As a module from the repository root: run as a file, tests/ would come first on sys.path and its
+    # test packages (tests/moebert/, ...) would shadow the project's.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # Own process group, so that a hang kills torchrun and both workers, not torchrun alone.
     proc = subprocess.Popen(
-        [TORCHRUN, *launch, "--nproc_per_node", "2", *(program or [str(worker), str(out)])],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [TORCHRUN, *launch, "--nproc_per_node", "2", *(program or ["-m", "tests.ddp_worker", str(out)])],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         _, stderr = proc.communicate(timeout=timeout_s)
