@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from moebert.atomic import atomic_folder
 from moebert.loading import load_model
 from server.backends import SPEED_FILE
 
@@ -66,38 +67,35 @@ def main() -> None:
     run = Path(args.run)
     student = run / args.row / "student"
     out = HERE / args.name
-    tmp = HERE / f".{args.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model = load_model(student)
-    teacher = _metrics(run / "eval_teacher.json")
-    moe = _metrics(run / args.row / "eval_moebert.json")
-    metrics = {"teacher": teacher, "moebert": moe}
-    _check_speed_record(student, args.format)
-    shutil.copy(student / SPEED_FILE, tmp / SPEED_FILE)  # what `--backend auto` runs the bundle on
-    if args.format == "fp16":
-        model.to(torch.float16).save_pretrained(tmp)
-        if args.served_eval:
-            metrics["moebert_fp16"] = _metrics(Path(args.served_eval))
-    else:
-        metrics["moebert_int8"] = _int8_metrics(student, args.task, moe)
-        (tmp / "onnx").mkdir()
-        for name in ("model.int8.onnx", "export.json"):
-            shutil.copy(student / "onnx" / name, tmp / "onnx" / name)
-        # No torch weights travel in this form, so neither does the remote-code auto_map of the student.
-        config = json.loads((student / "config.json").read_text())
-        config.pop("auto_map", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in (*TOKENIZER_FILES, "conversion.json"):
-        if (student / name).is_file():
-            shutil.copy(student / name, tmp / name)
-    if args.max_length:
-        tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
-        (tmp / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": args.max_length}))
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (tmp / "README.md").write_text(card(args, model.config, metrics))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    # Written beside models/NAME and renamed onto it when complete: a failed build leaves the old bundle.
+    with atomic_folder(out) as tmp:
+        model = load_model(student)
+        teacher = _metrics(run / "eval_teacher.json")
+        moe = _metrics(run / args.row / "eval_moebert.json")
+        metrics = {"teacher": teacher, "moebert": moe}
+        _check_speed_record(student, args.format)
+        shutil.copy(student / SPEED_FILE, tmp / SPEED_FILE)  # what `--backend auto` runs the bundle on
+        if args.format == "fp16":
+            model.to(torch.float16).save_pretrained(tmp)
+            if args.served_eval:
+                metrics["moebert_fp16"] = _metrics(Path(args.served_eval))
+        else:
+            metrics["moebert_int8"] = _int8_metrics(student, args.task, moe)
+            (tmp / "onnx").mkdir()
+            for name in ("model.int8.onnx", "export.json"):
+                shutil.copy(student / "onnx" / name, tmp / "onnx" / name)
+            # No torch weights travel in this form, so neither does the remote-code auto_map of the student.
+            config = json.loads((student / "config.json").read_text())
+            config.pop("auto_map", None)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in (*TOKENIZER_FILES, "conversion.json"):
+            if (student / name).is_file():
+                shutil.copy(student / name, tmp / name)
+        if args.max_length:
+            tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
+            (tmp / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": args.max_length}))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        (tmp / "README.md").write_text(card(args, model.config, metrics))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     print(f"{out}: {size:.1f} MiB")
 
