@@ -149,20 +149,17 @@ def _run_stage(stage: Stage, run: Callable[[], object], d: Distributed, every_ra
     """Run `stage` unless its output is up to date. every_rank: a training stage that every torchrun rank
     takes part in (rank 0's view of "done" decides for all); else rank 0 runs it while the others wait."""
 
-    def run_unless_done() -> None:
-        if stage.done():
+    def run_unless(done: bool) -> None:
+        if done:
             log.info("%s: up to date, skipped (%s)", stage.name, stage.output)
         else:
             log.info("%s: running → %s", stage.name, stage.output)
             run()
 
-    if not every_rank:
-        d.on_main(run_unless_done)
-    elif d.from_main(stage.done()):
-        log.info("%s: up to date, skipped (%s)", stage.name, stage.output)
+    if every_rank:
+        run_unless(d.from_main(stage.done()))
     else:
-        log.info("%s: running → %s", stage.name, stage.output)
-        run()
+        d.on_main(lambda: run_unless(stage.done()))
 
 
 def _convert(stage: Stage, conv: ConvertConfig) -> None:
