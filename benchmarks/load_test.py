@@ -10,9 +10,13 @@ Each configuration is started as its own process on a free 127.0.0.1 port, loade
   virtualenv (--infinity-venv; skipped when absent). Install:
     python3 -m venv VENV && VENV/bin/pip install "infinity-emb[server,torch]==0.0.78" "torch==2.13.0"
 
-Load: closed loop (C clients, each sending its next request when the last one is answered) and open loop
-(requests sent at a fixed rate, latency counted from the scheduled send time, so a slow server cannot
-hide its queueing), each bounded in time. One SST-2 dev sentence per classification request, one SQuAD dev
+Load (benchmarks/load_clients.py: raw keep-alive HTTP/1.1, requests encoded before the run, so the load
+generator takes as little of the shared cores as it can): closed loop (C clients, each sending its next
+request when the last one is answered) and open loop (requests sent at a fixed rate, latency counted from
+the scheduled send time, so a slow server cannot hide its queueing), each bounded in time. Every server is
+started first; each measurement then runs as --rounds windows, round-robin over the configurations, so
+the MoE and dense rows of one backend see the same machine. --client-nice lowers the load generator below
+the servers' inference threads (nice 10), as a client on another machine would not compete at all. One SST-2 dev sentence per classification request, one SQuAD dev
 question/context per QA request. Reports throughput and p50/p95/p99 latency; writes a Markdown table, JSON
 and a PNG under benchmarks/results/.
 
@@ -29,10 +33,12 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from load_clients import Result, Tally, closed_loop, encode_requests, open_loop
 from pydantic import BaseModel
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -157,94 +163,6 @@ def naive_app(model_path: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# Load generators
-
-
-@dataclass
-class Result:
-    config: str
-    mode: str  # "closed c=16" / "open 100/s"
-    duration_s: float
-    ok: int = 0
-    errors: dict = field(default_factory=dict)
-    throughput: float = 0.0
-    p50_ms: float = 0.0
-    p95_ms: float = 0.0
-    p99_ms: float = 0.0
-
-
-def summarize(res: Result, latencies: list[float], elapsed: float) -> Result:
-    import numpy as np
-
-    res.duration_s = round(elapsed, 2)
-    res.ok = len(latencies)
-    res.throughput = round(len(latencies) / elapsed, 1)
-    if latencies:
-        lat = np.array(latencies) * 1000
-        res.p50_ms, res.p95_ms, res.p99_ms = (round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99))
-    return res
-
-
-async def closed_loop(target: Target, payloads, concurrency: int, duration: float) -> Result:
-    import aiohttp
-
-    res, latencies = Result(target.name, f"closed c={concurrency}", duration), []
-    stop = time.perf_counter() + duration
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(target.url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as s:
-
-        async def client(i: int):
-            rng = random.Random(i)
-            while time.perf_counter() < stop:
-                body = target.body(rng.choice(payloads))
-                t0 = time.perf_counter()
-                try:
-                    async with s.post(target.path, json=body) as r:
-                        await r.read()
-                        if r.status == 200:
-                            latencies.append(time.perf_counter() - t0)
-                        else:
-                            res.errors[str(r.status)] = res.errors.get(str(r.status), 0) + 1
-                except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-                    res.errors[type(err).__name__] = res.errors.get(type(err).__name__, 0) + 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(concurrency)))
-        return summarize(res, latencies, time.perf_counter() - t0)
-
-
-async def open_loop(target: Target, payloads, rate: float, duration: float) -> Result:
-    import aiohttp
-
-    res, latencies = Result(target.name, f"open {rate:g}/s", duration), []
-    rng = random.Random(0)
-    connector = aiohttp.TCPConnector(limit=1024)
-    async with aiohttp.ClientSession(target.url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as s:
-
-        async def one(scheduled: float, body):
-            try:
-                async with s.post(target.path, json=body) as r:
-                    await r.read()
-                    if r.status == 200:
-                        latencies.append(time.perf_counter() - scheduled)  # from the scheduled time
-                    else:
-                        res.errors[str(r.status)] = res.errors.get(str(r.status), 0) + 1
-            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-                res.errors[type(err).__name__] = res.errors.get(type(err).__name__, 0) + 1
-
-        tasks, t0 = [], time.perf_counter()
-        n = int(rate * duration)
-        for k in range(n):
-            scheduled = t0 + k / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(scheduled, target.body(rng.choice(payloads)))))
-        await asyncio.gather(*tasks)
-        return summarize(res, latencies, time.perf_counter() - t0)
-
-
-# --------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -314,27 +232,46 @@ def configurations(args) -> list[tuple[str, callable]]:
 
 
 def run(args) -> list[Result]:
+    """Every configuration's server is started first and stays up; then each measurement (configuration ×
+    load) runs as `--rounds` windows, round-robin over the configurations, so that the machine's drift
+    (this box is noisy) falls on all of them alike and their ratios compare like with like."""
     sentences = sst2_sentences()
     pairs = squad_pairs() if args.qa else []
+    started: list[tuple[str, object, Target, list[bytes]]] = []
     results: list[Result] = []
-    for name, start in configurations(args):
-        print(f"== {name}", file=sys.stderr, flush=True)
-        try:
-            proc, target = start()
-        except Exception as err:  # one configuration failing to start must not lose the others
-            print(f"   could not start: {err}", file=sys.stderr)
-            results.append(Result(name, "not started", 0, errors={"start": str(err)[:200]}))
-            continue
-        payloads = pairs if target.path == "/v1/qa" else sentences
-        try:
-            asyncio.run(closed_loop(target, payloads, 4, min(3.0, args.duration)))  # warm-up, not reported
-            for c in args.concurrency:
-                results.append(asyncio.run(closed_loop(target, payloads, c, args.duration)))
-                print(f"   {results[-1]}", file=sys.stderr, flush=True)
-            for rate in args.qa_rates if target.path == "/v1/qa" else args.rates:
-                results.append(asyncio.run(open_loop(target, payloads, rate, args.duration)))
-                print(f"   {results[-1]}", file=sys.stderr, flush=True)
-        finally:
+    try:
+        for name, start in configurations(args):
+            print(f"== starting {name}", file=sys.stderr, flush=True)
+            try:
+                proc, target = start()
+            except Exception as err:  # one configuration failing to start must not lose the others
+                print(f"   could not start: {err}", file=sys.stderr)
+                results.append(Result(name, "not started", 0, errors={"start": str(err)[:200]}))
+                continue
+            payloads = pairs if target.path == "/v1/qa" else sentences
+            requests = encode_requests(target.url, target.path, [target.body(p) for p in payloads])
+            asyncio.run(closed_loop(target.url, requests, 4, min(3.0, args.duration), Tally()))  # warm-up
+            started.append((name, proc, target, requests))
+        if args.client_nice:
+            os.nice(args.client_nice)  # after the servers started: they keep their priority
+        tallies: dict[tuple[str, str, float], Tally] = {}  # (configuration, "closed"/"open", clients/rate)
+        for name, _, target, _ in started:
+            rates = args.qa_rates if target.path == "/v1/qa" else args.rates
+            for kind, x in [*(("closed", c) for c in args.concurrency), *(("open", r) for r in rates)]:
+                tallies[name, kind, x] = Tally()
+        window = args.duration / args.rounds
+        for k in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
+            for name, _, target, requests in started:
+                for (cname, kind, x), tally in tallies.items():
+                    if cname != name:
+                        continue
+                    loop = closed_loop if kind == "closed" else open_loop
+                    asyncio.run(loop(target.url, requests, x, window, tally, seed=k))
+        for (name, kind, x), tally in tallies.items():
+            results.append(tally.result(name, f"closed c={x}" if kind == "closed" else f"open {x:g}/s"))
+            print(f"   {results[-1]}", file=sys.stderr, flush=True)
+    finally:
+        for _, proc, _, _ in started:
             proc.stop()
     return results
 
@@ -421,6 +358,15 @@ def main(argv=None) -> int:
     p.add_argument("--rates", type=float, nargs="*", default=[], help="open-loop request rates (req/s)")
     p.add_argument("--qa-rates", type=float, nargs="*", default=[], help="open-loop rates for the QA configuration")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default 20)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="each measurement runs as this many windows, interleaved across configurations (default 4)",
+    )
+    p.add_argument("--client-nice", type=int, default=0,
+                   help="lower this load generator's CPU priority by this much (Linux nice) once the servers are up: "
+                        "it shares their cores, where a remote client would not (default 0)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="inference threads of each server (default 1)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="this service's device (cuda: with --configs moebert-torch dense-torch)")  # fmt: skip
