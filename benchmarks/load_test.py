@@ -14,11 +14,11 @@ Load (benchmarks/load_clients.py: raw keep-alive HTTP/1.1, requests encoded befo
 generator takes as little of the shared cores as it can): closed loop (C clients, each sending its next
 request when the last one is answered) and open loop (requests sent at a fixed rate, latency counted from
 the scheduled send time, so a slow server cannot hide its queueing), each bounded in time. Every server is
-started first; each measurement then runs as --rounds windows, round-robin over the configurations, so
-the MoE and dense rows of one backend see the same machine. --client-nice lowers the load generator below
-the servers' inference threads (nice 10), as a client on another machine would not compete at all. One SST-2 dev sentence per classification request, one SQuAD dev
-question/context per QA request. Reports throughput and p50/p95/p99 latency; writes a Markdown table, JSON
-and a PNG under benchmarks/results/.
+started first; each measurement then runs as --rounds windows, round-robin over the configurations, so the
+MoE and dense rows of one backend see the same machine. --client-nice lowers the load generator below the
+servers' inference threads (nice 10), as a client on another machine would not compete at all. One SST-2 dev
+sentence per classification request, one SQuAD dev question/context per QA request. Reports throughput and
+p50/p95/p99 latency; writes a Markdown table, JSON and a PNG under benchmarks/results/.
 
     python benchmarks/load_test.py --moe runs/minilm-cls-moe --dense runs/minilm-cls --duration 20
 """

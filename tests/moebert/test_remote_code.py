@@ -19,10 +19,7 @@ from transformers import AutoTokenizer, pipeline
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
 from moebert.remote_code import AUTO_MAP, CONFIG_FILE, MODELING_FILE
-from tests.conftest import REPO, SENTENCES
-
-QUESTION = "Who wrote the letter?"
-CONTEXT = "The letter was written by Ada Lovelace in London in 1843."
+from tests.conftest import SENTENCES
 
 # Runs with `python -I -S`: no PYTHONPATH, no cwd, no .pth files (so no editable install of this project);
 # only the interpreter's site-packages directory is put back on the path.
@@ -120,33 +117,3 @@ def test_converted_qa_model_loads_without_the_project(tiny_qa_dir, padded_batch,
     got, _ = run_clean(folder, "qa", padded_batch, [], tmp_path)
     torch.testing.assert_close(got["start"], out.start_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["end"], out.end_logits, rtol=1e-5, atol=1e-5)
-
-
-def test_bundled_squad_model_loads_without_the_project(tokenizer, tmp_path):
-    folder = REPO / "models" / "squad"
-    _check_folder(folder)
-    enc = tokenizer([QUESTION, "Who paid?"], [CONTEXT, "Nobody paid for the long and winding road."],
-                    padding=True, return_tensors="pt")  # fmt: skip
-    batch = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    model = load_model(folder)
-    with torch.no_grad():
-        out = model(**batch)
-    got, _ = run_clean(folder, "qa", batch, [], tmp_path)
-    torch.testing.assert_close(got["start"], out.start_logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got["end"], out.end_logits, rtol=1e-5, atol=1e-5)
-    # The real model answers from the clean environment's logits (best span of the first pair's context).
-    context = enc.sequence_ids(0)
-    in_context = torch.tensor([s == 1 for s in context] + [False] * (batch["input_ids"].shape[1] - len(context)))
-    start = int(got["start"][0].masked_fill(~in_context, -1e9).argmax())
-    end = start + int(got["end"][0, start : start + 16].masked_fill(~in_context[start : start + 16], -1e9).argmax())
-    assert "lovelace" in tokenizer.decode(batch["input_ids"][0, start : end + 1])
-
-
-def test_generated_code_is_the_saved_code(tmp_path):
-    """The bundled folder's code files are exactly what the current model definition generates."""
-    from moebert.remote_code import configuration_source, modeling_source
-
-    folder = REPO / "models" / "squad"
-    regenerate = "regenerate: python -m moebert.remote_code models/squad"
-    assert (folder / MODELING_FILE).read_text() == modeling_source(), regenerate
-    assert (folder / CONFIG_FILE).read_text() == configuration_source(), regenerate
