@@ -173,8 +173,17 @@ async def run_scenario(url: str, name: str, seconds: float, clients: list[tuple[
 
 
 def training_running() -> str:
+    """The training jobs on this machine (they share its cores), said as running or paused (SIGSTOP)."""
     out = subprocess.run(["pgrep", "-af", "quality.py"], capture_output=True, text=True).stdout.strip()
-    return out.replace("\n", "; ") or "no"
+    jobs = []
+    for line in filter(None, out.splitlines()):
+        pid = line.split()[0]
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "?"
+        jobs.append(f"{line} ({'paused with SIGSTOP for the whole run' if state == 'T' else 'running'})")
+    return "; ".join(jobs) or "no"
 
 
 def main() -> None:
@@ -290,7 +299,7 @@ def write_results(args, scenarios, sampler, training, healthy, exit_code, drain_
         "# Overload and soak (benchmarks/soak.py)", "",
         f"Command: `python benchmarks/soak.py {' '.join(sys.argv[1:])}`; server flags: `{' '.join(flags)}`; "
         f"{os.cpu_count()} cores; load clients on the same cores at nice {args.client_nice} (below the server, as "
-        f"a client on another machine would be). Training job running during the run: {training}.", "",
+        f"a client on another machine would be). Training jobs on this machine: {training}.", "",
         "Latencies are as the load clients saw them; the load clients run on the server's 2 cores, so under a "
         "storm of retries they include the clients' own wait for CPU. `server` columns are the server's own "
         "time per response (its `x-total-time-ms` header: from the request reaching the app to the response).", "",

@@ -429,6 +429,39 @@ def test_slow_headers_and_bodies_are_cut_off(strict_server):
     assert httpx.get(strict_server.url + "/health/ready").status_code == 200  # and the server is fine
 
 
+def _exchange(port: int, payload: bytes) -> bytes:
+    """Send payload at once and read until the server closes (or 10 s pass)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(payload)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return answer
+
+
+def test_oversized_headers_get_431_and_the_next_request_on_a_connection_is_timed_too(strict_server):
+    port = strict_server.port
+    # Headers over 64 KiB (httptools, unlike h11, has no limit of its own): 431, closed, nothing read on.
+    huge = b"GET /health/live HTTP/1.1\r\nhost: x\r\n" + b"x-padding: " + b"a" * 70_000 + b"\r\n\r\n"
+    answer = _exchange(port, huge)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    # Just under the limit is fine.
+    answer = _exchange(port, b"GET /health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-padding: " + b"a" * 60_000
+                       + b"\r\n\r\n")  # fmt: skip
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    # A full request and, in the same packet, the start of a second one that never completes: the second
+    # one's headers are timed from its first byte (1 s here), so the connection is closed after the answer.
+    started = time.monotonic()
+    answer = _exchange(port, b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\nGET /health/live HTTP/1.1\r\nhost:")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1, answer[:300]
+    assert time.monotonic() - started < 4
+    assert httpx.get(strict_server.url + "/health/ready").status_code == 200
+
+
 def test_idle_kept_alive_connections_outlive_the_clients_pool_timeout(server):
     """An idle kept-alive connection stays open longer than clients keep theirs (httpx: 5 s), so a client
     reusing it is never cut off mid-request (with uvicorn's 5 s default, the two closed it at the same time
