@@ -75,7 +75,9 @@ def main() -> None:
     p.add_argument("--moe", help="its MoEBERT conversion with onnx/ (default: built under --workdir)")
     p.add_argument("--workdir", default="/tmp/moebert-bench-backends", help="where the models are built")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends to time")
-    p.add_argument("--shapes", nargs="+", default=["32x128", "1x128", "16x24"], help="BATCHxTOKENS shapes")
+    p.add_argument("--shapes", nargs="+", default=["32x128", "1x128", "16x24"],
+                   help="BATCHxTOKENS shapes; a trailing p (8x48p) pads rows of mixed lengths to TOKENS, as the "
+                   "server's batches of texts are")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for every backend (default 2)")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per cell (median); ×4 for batch-1 shapes")
     p.add_argument("--name", default="bench_backends", help="results file stem (default bench_backends)")
@@ -90,9 +92,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for shape in args.shapes:
-        batch, tokens = (int(x) for x in shape.lower().split("x"))
-        ids = rng.integers(1000, 20000, (batch, tokens)).astype(np.int64)  # [B, T], no padding
+        padded = shape.lower().endswith("p")
+        batch, tokens = (int(x) for x in shape.lower().removesuffix("p").split("x"))
+        ids = rng.integers(1000, 20000, (batch, tokens)).astype(np.int64)  # [B, T]
         mask, types = np.ones_like(ids), np.zeros_like(ids)
+        if padded:  # a served batch of mixed lengths: the longest row fills T, the others T/4..T tokens
+            lengths = [tokens, *rng.integers(max(1, tokens // 4), tokens + 1, batch - 1)]
+            mask = (np.arange(tokens)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+            ids = ids * mask
         for runner in runners.values():  # warm-up
             runner.run(ids, mask, types), runner.run(ids, mask, types)
         times = {key: [] for key in runners}
@@ -103,8 +110,8 @@ def main() -> None:
                 times[key].append(time.perf_counter() - start)
         for b in args.backends:
             dense_ms, moe_ms = (1000 * statistics.median(times[(b, m)]) for m in ("dense", "moe"))
-            row = {"backend": b, "batch": batch, "tokens": tokens, "dense_ms": dense_ms, "moe_ms": moe_ms,
-                   "speedup": dense_ms / moe_ms, "target": target(batch, tokens)}  # fmt: skip
+            row = {"backend": b, "batch": batch, "tokens": tokens, "padded": padded, "dense_ms": dense_ms,
+                   "moe_ms": moe_ms, "speedup": dense_ms / moe_ms, "target": target(batch, tokens)}  # fmt: skip
             rows.append(row)
             print(
                 f"{shape:>7} {b:<10} dense {dense_ms:8.1f} ms  moe {moe_ms:8.1f} ms  {row['speedup']:.2f}×", flush=True
@@ -132,7 +139,8 @@ def write(rows: list[dict], args, paths: dict) -> None:
     ]
     for r in rows:
         met = "yes" if r["speedup"] >= r["target"] else "**no**"
-        lines.append(f"| {r['backend']} | {r['batch']} × {r['tokens']} | {r['dense_ms']:.1f} | {r['moe_ms']:.1f} "
+        shape = f"{r['batch']} × {r['tokens']}" + (" padded" if r.get("padded") else "")
+        lines.append(f"| {r['backend']} | {shape} | {r['dense_ms']:.1f} | {r['moe_ms']:.1f} "
                      f"| {r['speedup']:.2f}× | {r['target']}× | {met} |")  # fmt: skip
     out = RESULTS / args.name
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -146,16 +154,17 @@ def write(rows: list[dict], args, paths: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    shapes = list(dict.fromkeys(f"{r['batch']}×{r['tokens']}" for r in rows))
+    label = lambda r: f"{r['batch']}×{r['tokens']}" + ("p" if r.get("padded") else "")  # noqa: E731
+    shapes = list(dict.fromkeys(label(r) for r in rows))
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     fig, ax = plt.subplots(figsize=(6, 3.4))
     width = 0.8 / len(backends)
     for i, b in enumerate(backends):
-        ys = [next(r["speedup"] for r in rows if r["backend"] == b and f"{r['batch']}×{r['tokens']}" == s)
+        ys = [next(r["speedup"] for r in rows if r["backend"] == b and label(r) == s)
               for s in shapes]  # fmt: skip
         ax.bar([x + (i - (len(backends) - 1) / 2) * width for x in range(len(shapes))], ys, width, label=b)
     for x, s in enumerate(shapes):
-        t = next(r["target"] for r in rows if f"{r['batch']}×{r['tokens']}" == s)
+        t = next(r["target"] for r in rows if label(r) == s)
         ax.hlines(t, x - 0.45, x + 0.45, colors="k", linestyles="dashed", linewidth=1)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(shapes)), shapes)

@@ -2,20 +2,23 @@
 
 What the exported graph contains, and why:
 - Each layer is traced in the form ONNX Runtime runs fast (`_export_layer`; measured with
-  benchmarks/onnx_profile.py, results in benchmarks/results/onnx_profile.md). The MoE FFN runs on the
-  padded [B*T, d] activations through `kernels.export`: routing is recorded for every input (hash: a
-  table lookup from the input ids; gates: Linear → Softmax → ArgMax), padding is routed to no expert,
-  each expert gathers its rows, and one row ScatterND writes all experts' outputs back. A dense FFN
-  gathers the non-padding rows by index and scatters them back by index. (The model's own
-  `masked_scatter` exports to an element-wise NonZero + ScatterND over the [B*T, d] mask, which cost
-  more than the MoE experts did.) The experts keep the exact (erf) GELU: ONNX Runtime fuses it into
-  its `Gelu` op, so nothing is approximated (com.microsoft.MoE, whose GELU is the tanh
-  approximation, is not used).
-- Attention is traced in the explicit form softmax(QKᵀ/√d_head + (1 − mask)·(−10000))·V with constant
-  head shapes, the pattern ONNX Runtime's BERT optimizer fuses into its `Attention` op. Same function as
-  the model's SDPA with a boolean mask: a masked key's weight underflows to exactly 0 in fp32.
-- The example batch is padded, so the padding-skipping path (gather the non-padding tokens before the
-  FFNs, scatter them back) is the one traced; it is also correct for unpadded batches.
+  benchmarks/onnx_profile.py and benchmarks/bench_backends.py, results in benchmarks/results/): padding is
+  removed from every token-wise matmul. The layer gathers the N non-padding rows of its [B*T, d] input
+  once; Q, K, V, the attention output projection and the FFN run on those N rows, and only the attention
+  core (QKᵀ, softmax, ·V) sees the padded [B, heads, T, T] layout (Q, K, V scattered into it, zeros at
+  padding); one row scatter writes the layer's output back. Served batches of mixed-length texts are
+  about half padding, and ORT's fused `Attention` op (which projects Q, K, V on every padded position)
+  cost more there than the unfused core does: 1.22× (dense) and 1.35× (MoE) faster on int8 at 8 × 48
+  with SST-2-like lengths, and level on unpadded batches. The MoE FFN (`kernels.export`) routes the N
+  tokens (hash: a table lookup from the input ids; gates: Linear → Softmax → ArgMax), each expert gathers
+  its rows, and one row ScatterND writes all experts' outputs back. (The model's own `masked_scatter`
+  exports to an element-wise NonZero + ScatterND over the [B*T, d] mask, which cost more than the MoE
+  experts did.) The experts keep the exact (erf) GELU: ONNX Runtime fuses it into its `Gelu` op, so
+  nothing is approximated (com.microsoft.MoE, whose GELU is the tanh approximation, is not used).
+- The attention core is softmax(QKᵀ/√d_head + (1 − mask)·(−10000))·V, the same function as the model's
+  SDPA with a boolean mask: a masked key's weight underflows to exactly 0 in fp32.
+- The example batch is padded, so the padding-removing path is the one traced; it is also correct (and as
+  fast) for unpadded batches.
 - Outputs: logits [B, C] or start_logits, end_logits [B, T]; for MoE models also expert_counts
   [num MoE layers, E], the tokens routed to each expert (padding excluded), which the server exports.
 - The router balance loss (a training signal, no graph output) needs torch.bincount, which has no ONNX
@@ -45,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from moebert.loading import load_model, task_of
-from moebert.modeling import HashRouter, MoEBertLayer, MoEBertSelfAttention, MoEFFN
+from moebert.modeling import MoEBertLayer, MoEBertSelfAttention, MoEFFN
 
 log = logging.getLogger("moebert.onnx")
 
@@ -62,43 +65,48 @@ class ExportResult:
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # "fp32" / "int8": max |Δ| vs torch
 
 
-def _explicit_attention(self: MoEBertSelfAttention, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """x [B, T, d], attn_mask [B, 1, 1, T] bool or None → [B, T, d]; the fusable form (see the module doc)."""
-    B, T, d = x.shape
-    head = d // self.num_heads  # a constant, not -1: the optimizer reads num_heads and head size from it
-    q, k, v = (proj(x).view(B, T, self.num_heads, head).transpose(1, 2) for proj in (self.query, self.key, self.value))
+def _attention(self: MoEBertSelfAttention, tokens: torch.Tensor, index: torch.Tensor | None, B: int, T: int,
+               attn_mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """tokens [N, d] (the non-padding tokens; index [N]: where each sits in B*T, None: N = B*T) → context
+    [N, d]. Q, K and V are projected on the N tokens; only the attention core sees the padded layout."""
+    d = tokens.shape[-1]
+    heads, head = self.num_heads, d // self.num_heads
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # [N, d] → [B, heads, T, head], zeros at padding
+        if index is not None:
+            t = torch.zeros(B * T, d, dtype=t.dtype).index_put((index,), t)
+        return t.view(B, T, heads, head).transpose(1, 2)
+
+    q, k, v = (padded(proj(tokens)) for proj in (self.query, self.key, self.value))
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head)  # [B, heads, T, T]
     if attn_mask is not None:
         scores = scores + (1.0 - attn_mask.to(scores.dtype)) * -10000.0
-    return torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(B, T, d)
+    ctx = torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(B * T, d)
+    return ctx if index is None else ctx.index_select(0, index)
 
 
 def _export_layer(self: MoEBertLayer, x: torch.Tensor, attn_mask: torch.Tensor | None, layout):
-    """MoEBertLayer.forward in the form ONNX Runtime runs fast (see the module doc). x [B, T, d] → [B, T, d]."""
+    """MoEBertLayer.forward in the form ONNX Runtime runs fast (see the module doc). x [B, T, d] → [B, T, d]:
+    every token-wise matmul (Q, K, V, the attention output, the FFN) runs on the N non-padding tokens, and
+    padding positions keep their input (they are masked as keys and their outputs are not read)."""
     B, T, d = x.shape
-    attn_out = self.attention(x, attn_mask).reshape(B * T, d)
+    flat = x.reshape(B * T, d)
     index = layout.token_index  # [N] non-padding positions, or None (no padding)
+    tokens = flat if index is None else flat.index_select(0, index)  # [N, d]
+    attn_out = self.attention.output(_attention(self.attention.self, tokens, index, B, T, attn_mask), tokens)
+    routing = None
     if self.moe is None:
-        tokens = attn_out if index is None else attn_out.index_select(0, index)  # [N, d]
-        y = self.output(F.gelu(self.intermediate.dense(tokens)), tokens)
-        y = y if index is None else attn_out.index_put((index,), y)  # one row scatter
-        return y.view(B, T, d), None
-    from kernels import moe_ffn_export
+        y = self.output(F.gelu(self.intermediate.dense(attn_out)), attn_out)
+    else:
+        from kernels import moe_ffn_export
 
-    moe = self.moe
-    E = moe.fc1_weight.shape[0]
-    gated = not isinstance(moe.router, HashRouter)  # hash routing reads only the ids: no gather for it
-    tokens = attn_out if index is None or not gated else attn_out.index_select(0, index)
-    routing = moe.router(tokens, layout)  # expert ids [N]
-    expert_ids, scale = routing.expert_ids, routing.scale
-    if index is not None:  # back to [B*T]; padding gets expert E, which no expert serves: it passes through
-        expert_ids = torch.full((B * T,), E, dtype=expert_ids.dtype).index_put((index,), expert_ids)
-        if scale is not None:
-            scale = torch.ones(B * T, dtype=scale.dtype).index_put((index,), scale)
-    y = moe_ffn_export(
-        attn_out, expert_ids, moe.fc1_weight, moe.fc1_bias, moe.fc2_weight, moe.fc2_bias, moe.ln_weight,
-        moe.ln_bias, scale, moe.eps,
-    )  # fmt: skip
+        moe = self.moe
+        routing = moe.router(attn_out, layout)  # expert ids [N] (hash: a lookup of the ids; gates: from attn_out)
+        y = moe_ffn_export(
+            attn_out, routing.expert_ids, moe.fc1_weight, moe.fc1_bias, moe.fc2_weight, moe.fc2_bias, moe.ln_weight,
+            moe.ln_bias, routing.scale, moe.eps,
+        )  # fmt: skip
+    y = y if index is None else flat.index_put((index,), y)  # one row scatter
     return y.view(B, T, d), routing
 
 
@@ -121,12 +129,9 @@ def _index_add(self: torch.Tensor, dim: int, index: torch.Tensor, source: torch.
 def export_mode(model):
     """The model as it is exported: export MoE backend, fusable attention, exportable bincount; restored after."""
     backend = model.config.moe_backend
-    attentions = [m for m in model.modules() if isinstance(m, MoEBertSelfAttention)]
     layers = [m for m in model.modules() if isinstance(m, MoEBertLayer)]
     original_bincount, original_index_add = torch.bincount, torch.Tensor.index_add
     model.set_moe_backend("export")
-    for m in attentions:
-        m.forward = types.MethodType(_explicit_attention, m)
     for m in layers:
         m.forward = types.MethodType(_export_layer, m)
     torch.bincount, torch.Tensor.index_add = _bincount, _index_add
@@ -134,7 +139,7 @@ def export_mode(model):
         yield model
     finally:
         torch.bincount, torch.Tensor.index_add = original_bincount, original_index_add
-        for m in attentions + layers:
+        for m in layers:
             del m.forward  # back to the class's method
         model.set_moe_backend(backend)
 
