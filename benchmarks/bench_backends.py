@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
-BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
+BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")  # torch-bf16: `--backend torch --dtype bfloat16`
 
 
 def target(batch: int, tokens: int) -> float:
@@ -64,8 +64,8 @@ def build_models(workdir: Path) -> tuple[Path, Path]:
 def make(path: Path, backend: str, threads: int):
     from server.backends import OnnxBackend, TorchBackend
 
-    if backend == "torch":
-        return TorchBackend(path, threads=threads)
+    if backend.startswith("torch"):
+        return TorchBackend(path, threads=threads, dtype="bfloat16" if backend == "torch-bf16" else "auto")
     return OnnxBackend(path, backend.removeprefix("onnx-"), threads=threads)
 
 

@@ -99,16 +99,27 @@ class MoEBertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, d], attn_mask [B, 1, 1, T] bool (True = attend) or None → context [B, T, d]"""
-        B, T, d = x.shape
-        q, k, v = (
-            proj(x).view(B, T, self.num_heads, -1).transpose(1, 2) for proj in (self.query, self.key, self.value)
-        )
-        ctx = F.scaled_dot_product_attention(  # [B, heads, T, d/heads]
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout_p if self.training else 0.0
-        )
-        return ctx.transpose(1, 2).reshape(B, T, d)
+    def forward(
+        self, tokens: torch.Tensor, index: torch.Tensor | None, B: int, T: int, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """tokens [N, d] (index [N]: where each sits in B*T; None: N = B*T), attn_mask [B, 1, 1, T] bool
+        (True = attend) or None → context [N, d]. Q, K and V are projected on the N tokens; only the
+        attention core sees the padded layout (zeros at padding, which the mask hides as keys)."""
+        d = tokens.shape[-1]
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # [N, d] → [B, heads, T, d/heads]
+            if index is not None:
+                t = t.new_zeros(B * T, d).index_put((index,), t)
+            return t.view(B, T, self.num_heads, -1).transpose(1, 2)
+
+        q, k, v = (padded(proj(tokens)) for proj in (self.query, self.key, self.value))
+        ctx = self.core(q, k, v, attn_mask).transpose(1, 2).reshape(B * T, d)
+        return ctx if index is None else ctx.index_select(0, index)
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(QKᵀ/√d_head, masked)·V: q, k, v [B, heads, T, d/heads] → the same shape"""
+        dropout_p = self.attention_dropout_p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 class MoEBertSelfOutput(nn.Module):
@@ -130,8 +141,11 @@ class MoEBertAttention(nn.Module):
         self.self = MoEBertSelfAttention(config)
         self.output = MoEBertSelfOutput(config.hidden_size, config)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, attn_mask), x)
+    def forward(
+        self, tokens: torch.Tensor, index: torch.Tensor | None, B: int, T: int, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """tokens [N, d] → [N, d] (see MoEBertSelfAttention.forward)"""
+        return self.output(self.self(tokens, index, B, T, attn_mask), tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,9 +170,9 @@ class TokenLayout:
     Packed (padded=False): valid [B*T] bool or None (None: no padding); input_ids [N]; seq_index [N] (batch
     row of each token); the FFNs see only the N non-padding tokens.
     Padded (padded=True): N = B*T, valid [B*T] bool always given (the weight of each token in pooling,
-    balance loss and expert counts); the FFNs see every token and the layer keeps the attention output at
-    padding, as the packed layout does.
-    attention_mask [B, T] bool; token_index [N] (packed: where each token sits in B*T; the ONNX export
+    balance loss and expert counts); every token-wise matmul sees every token, and padding positions keep
+    the layer's input, as in the packed layout.
+    attention_mask [B, T] bool; token_index [N] (packed: where each token sits in B*T; every layer
     gathers and scatters rows by it) or None.
     """
 
@@ -332,21 +346,24 @@ class MoEBertLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, layout: TokenLayout
     ) -> tuple[torch.Tensor, Routing | None]:
-        """x [B, T, d] → [B, T, d]; padding keeps the attention output (packed layout: the FFN runs on
-        non-padding tokens only; padded layout: on all, and padding's results are dropped by a select)."""
+        """x [B, T, d] → [B, T, d]. Every token-wise matmul (Q, K, V, the attention output, the FFN) runs on
+        the N tokens of the layout; padding positions keep their input (they are masked as keys, and no
+        output reads them). Packed: N real tokens, gathered once and scattered back once; padded: all B*T,
+        and a select keeps padding's input."""
         B, T, d = x.shape
-        attn_out = self.attention(x, attn_mask).reshape(B * T, d)
-        packed = layout.valid is not None and not layout.padded
-        tokens = attn_out[layout.valid] if packed else attn_out  # [N, d]
+        flat = x.reshape(B * T, d)
+        index = layout.token_index  # [N] (packed, with padding) or None
+        tokens = flat if index is None else flat.index_select(0, index)  # [N, d]
+        attn_out = self.attention(tokens, index, B, T, attn_mask)
         routing = None
         if self.moe is None:
-            y = self.output(F.gelu(self.intermediate.dense(tokens)), tokens)
+            y = self.output(F.gelu(self.intermediate.dense(attn_out)), attn_out)
         else:
-            y, routing = self.moe(tokens, layout)
-        if packed:
-            y = attn_out.masked_scatter(layout.valid.unsqueeze(-1), y)
+            y, routing = self.moe(attn_out, layout)
+        if index is not None:  # row gathers and scatters (masked_scatter would be element-wise in ONNX)
+            y = flat.index_put((index,), y)
         elif layout.padded:
-            y = torch.where(layout.valid.unsqueeze(-1), y, attn_out)
+            y = torch.where(layout.valid.unsqueeze(-1), y, flat)
         return y.view(B, T, d), routing
 
 

@@ -1,22 +1,21 @@
 """Export a dense BERT or a MoEBERT checkpoint to ONNX for ONNX Runtime, with routing inside the graph.
 
 What the exported graph contains, and why:
-- Each layer is traced in the form ONNX Runtime runs fast (`_export_layer`; measured with
-  benchmarks/onnx_profile.py and benchmarks/bench_backends.py, results in benchmarks/results/): padding is
-  removed from every token-wise matmul. The layer gathers the N non-padding rows of its [B*T, d] input
-  once; Q, K, V, the attention output projection and the FFN run on those N rows, and only the attention
-  core (QKᵀ, softmax, ·V) sees the padded [B, heads, T, T] layout (Q, K, V scattered into it, zeros at
-  padding); one row scatter writes the layer's output back. Served batches of mixed-length texts are
-  about half padding, and ORT's fused `Attention` op (which projects Q, K, V on every padded position)
-  cost more there than the unfused core does: 1.22× (dense) and 1.35× (MoE) faster on int8 at 8 × 48
-  with SST-2-like lengths, and level on unpadded batches. The MoE FFN (`kernels.export`) routes the N
-  tokens (hash: a table lookup from the input ids; gates: Linear → Softmax → ArgMax), each expert gathers
-  its rows, and one row ScatterND writes all experts' outputs back. (The model's own `masked_scatter`
-  exports to an element-wise NonZero + ScatterND over the [B*T, d] mask, which cost more than the MoE
-  experts did.) The experts keep the exact (erf) GELU: ONNX Runtime fuses it into its `Gelu` op, so
-  nothing is approximated (com.microsoft.MoE, whose GELU is the tanh approximation, is not used).
-- The attention core is softmax(QKᵀ/√d_head + (1 − mask)·(−10000))·V, the same function as the model's
-  SDPA with a boolean mask: a masked key's weight underflows to exactly 0 in fp32.
+- Each layer is the model's own `MoEBertLayer.forward`, which removes padding from every token-wise
+  matmul: it gathers the N non-padding rows of its [B*T, d] input once; Q, K, V, the attention output
+  projection and the FFN run on those N rows, and only the attention core (QKᵀ, softmax, ·V) sees the
+  padded [B, heads, T, T] layout; one row scatter writes the layer's output back. Served batches of
+  mixed-length texts are about half padding, and ORT's fused `Attention` op (which projects Q, K, V on
+  every padded position) cost more there than the unfused core does: 1.22× (dense) and 1.35× (MoE) faster
+  on int8 at 8 × 48 with SST-2-like lengths, and level on unpadded batches (benchmarks/bench_backends.py,
+  benchmarks/onnx_profile.py). The MoE FFN is the `export` kernel backend (`kernels.export`): it routes
+  the N tokens (hash: a table lookup from the input ids; gates: Linear → Softmax → ArgMax), each expert
+  gathers its rows, and one row ScatterND writes all experts' outputs back. The experts keep the exact
+  (erf) GELU: ONNX Runtime fuses it into its `Gelu` op, so nothing is approximated (com.microsoft.MoE,
+  whose GELU is the tanh approximation, is not used).
+- The attention core (`MoEBertSelfAttention.core`, torch's SDPA in the model) is traced as
+  softmax(QKᵀ/√d_head + (1 − mask)·(−10000))·V, the same function as SDPA with a boolean mask: a masked
+  key's weight underflows to exactly 0 in fp32.
 - The example batch is padded, so the padding-removing path is the one traced; it is also correct (and as
   fast) for unpadded batches.
 - Outputs: logits [B, C] or start_logits, end_logits [B, T]; for MoE models also expert_counts
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from moebert.loading import load_model, task_of
-from moebert.modeling import MoEBertLayer, MoEBertSelfAttention, MoEFFN
+from moebert.modeling import MoEBertSelfAttention, MoEFFN
 
 log = logging.getLogger("moebert.onnx")
 
@@ -65,49 +64,14 @@ class ExportResult:
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # "fp32" / "int8": max |Δ| vs torch
 
 
-def _attention(self: MoEBertSelfAttention, tokens: torch.Tensor, index: torch.Tensor | None, B: int, T: int,
-               attn_mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """tokens [N, d] (the non-padding tokens; index [N]: where each sits in B*T, None: N = B*T) → context
-    [N, d]. Q, K and V are projected on the N tokens; only the attention core sees the padded layout."""
-    d = tokens.shape[-1]
-    heads, head = self.num_heads, d // self.num_heads
-
-    def padded(t: torch.Tensor) -> torch.Tensor:  # [N, d] → [B, heads, T, head], zeros at padding
-        if index is not None:
-            t = torch.zeros(B * T, d, dtype=t.dtype).index_put((index,), t)
-        return t.view(B, T, heads, head).transpose(1, 2)
-
-    q, k, v = (padded(proj(tokens)) for proj in (self.query, self.key, self.value))
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head)  # [B, heads, T, T]
+def _attention_core(self: MoEBertSelfAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """MoEBertSelfAttention.core as plain MatMul → Add → Softmax → MatMul (see the module doc):
+    q, k, v [B, heads, T, d/heads] → the same shape."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, heads, T, T]
     if attn_mask is not None:
         scores = scores + (1.0 - attn_mask.to(scores.dtype)) * -10000.0
-    ctx = torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(B * T, d)
-    return ctx if index is None else ctx.index_select(0, index)
-
-
-def _export_layer(self: MoEBertLayer, x: torch.Tensor, attn_mask: torch.Tensor | None, layout):
-    """MoEBertLayer.forward in the form ONNX Runtime runs fast (see the module doc). x [B, T, d] → [B, T, d]:
-    every token-wise matmul (Q, K, V, the attention output, the FFN) runs on the N non-padding tokens, and
-    padding positions keep their input (they are masked as keys and their outputs are not read)."""
-    B, T, d = x.shape
-    flat = x.reshape(B * T, d)
-    index = layout.token_index  # [N] non-padding positions, or None (no padding)
-    tokens = flat if index is None else flat.index_select(0, index)  # [N, d]
-    attn_out = self.attention.output(_attention(self.attention.self, tokens, index, B, T, attn_mask), tokens)
-    routing = None
-    if self.moe is None:
-        y = self.output(F.gelu(self.intermediate.dense(attn_out)), attn_out)
-    else:
-        from kernels import moe_ffn_export
-
-        moe = self.moe
-        routing = moe.router(attn_out, layout)  # expert ids [N] (hash: a lookup of the ids; gates: from attn_out)
-        y = moe_ffn_export(
-            attn_out, routing.expert_ids, moe.fc1_weight, moe.fc1_bias, moe.fc2_weight, moe.fc2_bias, moe.ln_weight,
-            moe.ln_bias, routing.scale, moe.eps,
-        )  # fmt: skip
-    y = y if index is None else flat.index_put((index,), y)  # one row scatter
-    return y.view(B, T, d), routing
+    return torch.matmul(scores.softmax(-1), v)
 
 
 def _bincount(x: torch.Tensor, weights=None, minlength: int = 0) -> torch.Tensor:
@@ -127,20 +91,21 @@ def _index_add(self: torch.Tensor, dim: int, index: torch.Tensor, source: torch.
 
 @contextlib.contextmanager
 def export_mode(model):
-    """The model as it is exported: export MoE backend, fusable attention, exportable bincount; restored after."""
+    """The model as it is exported: export MoE backend, plain-op attention core, exportable bincount;
+    restored after."""
     backend = model.config.moe_backend
-    layers = [m for m in model.modules() if isinstance(m, MoEBertLayer)]
+    attentions = [m for m in model.modules() if isinstance(m, MoEBertSelfAttention)]
     original_bincount, original_index_add = torch.bincount, torch.Tensor.index_add
     model.set_moe_backend("export")
-    for m in layers:
-        m.forward = types.MethodType(_export_layer, m)
+    for m in attentions:
+        m.core = types.MethodType(_attention_core, m)
     torch.bincount, torch.Tensor.index_add = _bincount, _index_add
     try:
         yield model
     finally:
         torch.bincount, torch.Tensor.index_add = original_bincount, original_index_add
-        for m in layers:
-            del m.forward  # back to the class's method
+        for m in attentions:
+            del m.core  # back to the class's method
         model.set_moe_backend(backend)
 
 
