@@ -1,16 +1,13 @@
 """The MoE FFN as ONNX export records it: route once, one gather per expert, one scatter back.
 
 Same function as `kernels.reference.moe_ffn_reference` for tokens routed to an expert in [0, E); a token
-whose id is outside [0, E) (the exporter marks padding so) is left as it is: y_t = x_t. That lets the
-exported layer run its MoE on the padded [B*T, d] activations directly, with no gather of the
-non-padding tokens before it and no scatter after it.
+whose id is outside [0, E) is left as it is (y_t = x_t).
 
 Traced form (E is a weight shape, so the loop unrolls; no Python control flow depends on the data):
 per expert e a 1-D NonZero over the [T] expert ids (tiny), a row Gather x[rows_e] [n_e, d] and the
 expert's FFN on those rows only; then one Concat of the E outputs and one row ScatterND of them into x.
 ONNX Runtime profiles (benchmarks/results/onnx_profile.md) showed what this replaces costing more than
-the experts themselves: per-expert full-tensor ScatterND copies, and the element-wise NonZero +
-ScatterND over the [B*T, d] mask that `masked_scatter` exports to.
+the experts themselves: per-expert full-tensor ScatterND copies.
 """
 
 from __future__ import annotations
