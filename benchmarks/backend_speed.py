@@ -1,9 +1,10 @@
-"""Which CPU runtime is fastest for a model, by batch shape: torch (grouped experts) vs ONNX Runtime
-int8 and fp32 (each when exported), the same numpy batch through the server's own backends, runs
-interleaved so machine noise hits all alike; median of --repeats. This measurement is what
-`moebert serve --backend auto` acts on: with --record it writes <checkpoint>/backend_speed.json, naming
-the runtime with the lowest geometric-mean time over the timed shapes (the batch shapes the model will
-see: --batches × TOKENS), and the server runs that one. `models/build.py` ships the file with a bundle.
+"""Which CPU runtime is fastest for a model, by batch shape: torch (grouped experts; fp32, and bf16 on a
+CPU with native bf16 matmuls) vs ONNX Runtime int8 and fp32 (each when exported), the same numpy batch
+through the server's own backends, runs interleaved so machine noise hits all alike; median of --repeats.
+This measurement is what `moebert serve --backend auto` acts on: with --record it writes
+<checkpoint>/backend_speed.json, naming the runtime with the lowest geometric-mean time over the timed
+shapes (the batch shapes the model will see: --batches × TOKENS), and the server runs that one.
+`models/build.py` ships the file with a bundle.
 
     python benchmarks/backend_speed.py --model sst2=runs/quality/sst2/seed0/moebert/student:24 \\
         --model squad=runs/quality/squad/seed0/moebert/student:256 --threads 2 --record
@@ -28,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
-    from server.backends import SPEED_FILE, OnnxBackend, TorchBackend, onnx_file
+    from server.backends import SPEED_FILE, OnnxBackend, TorchBackend, native_cpu_bf16, onnx_file
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT:TOKENS (repeatable)")
@@ -45,6 +46,8 @@ def main() -> None:
         name, rest = spec.split("=", 1)
         path, tokens = rest.rsplit(":", 1)
         runtimes = {"torch": TorchBackend(path, threads=args.threads)}
+        if native_cpu_bf16():  # AVX512-BF16 / AMX; emulated bf16 would only lose
+            runtimes["torch-bf16"] = TorchBackend(path, threads=args.threads, dtype="bfloat16")
         for precision in ("int8", "fp32"):
             if onnx_file(path, precision).is_file():
                 runtimes[f"onnx-{precision}"] = OnnxBackend(path, precision, threads=args.threads)

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 MAX_DROP_POINTS = 0.5
-RUNTIMES = ("torch", "onnx-fp32", "onnx-int8")
+RUNTIMES = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")  # torch-bf16: only asked for by name
 
 
 class OrtModule(torch.nn.Module):
@@ -51,7 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a classification or QA checkpoint (dense or MoEBERT)")
     p.add_argument("--task", default="sst2", help="task whose dev split scores it (default sst2)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder with glue/ and squad/")
-    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES), help="what to compare")
+    p.add_argument(
+        "--runtimes", nargs="+", choices=RUNTIMES, default=["torch", "onnx-fp32", "onnx-int8"], help="what to compare"
+    )
     p.add_argument("--export", action="store_true", help="(re-)export onnx/ first")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example/window (default 128; SQuAD 384)")
     p.add_argument("--doc-stride", type=int, default=128, help="SQuAD window overlap (default 128)")
@@ -62,11 +64,11 @@ def main(argv=None) -> int:
 
     from moebert.loading import load_model
     from moebert.onnx_export import export_onnx
-    from server.backends import OnnxBackend, onnx_file
+    from server.backends import OnnxBackend, TorchBackend, onnx_file
     from training.evaluate import predict, score
 
     model_dir = Path(args.model)
-    if args.export or any(not onnx_file(model_dir, r[5:]).is_file() for r in args.runtimes if r != "torch"):
+    if args.export or any(not onnx_file(model_dir, r[5:]).is_file() for r in args.runtimes if r.startswith("onnx-")):
         export_onnx(model_dir, quantize=True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     )  # fmt: skip
     runners = {
         "torch": lambda: torch_model,
+        "torch-bf16": lambda: OrtModule(TorchBackend(model_dir, threads=args.threads, dtype="bfloat16")),
         "onnx-fp32": lambda: OrtModule(OnnxBackend(model_dir, "fp32", threads=args.threads)),
         "onnx-int8": lambda: OrtModule(OnnxBackend(model_dir, "int8", threads=args.threads)),
     }

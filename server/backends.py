@@ -23,7 +23,12 @@ ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 # Per checkpoint: the CPU runtimes timed on it at the shapes it serves, and the fastest (written by
 # `python benchmarks/backend_speed.py --record`); what `--backend auto` runs.
 SPEED_FILE = "backend_speed.json"
-RUNTIMES = {"torch": ("torch", "fp32"), "onnx-fp32": ("onnx", "fp32"), "onnx-int8": ("onnx", "int8")}
+RUNTIMES = {  # a runtime name in backend_speed.json → (backend, precision)
+    "torch": ("torch", "fp32"),
+    "torch-bf16": ("torch", "bf16"),  # the torch backend with its weights in bfloat16 (--dtype bfloat16)
+    "onnx-fp32": ("onnx", "fp32"),
+    "onnx-int8": ("onnx", "int8"),
+}
 
 
 class Backend(Protocol):
@@ -42,6 +47,14 @@ def torch_dtype(name: str, device: str):
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return getattr(torch, name)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU has bfloat16 matmul instructions (AVX512-BF16, AMX): there bf16 torch can be the
+    fastest runtime; elsewhere bf16 is emulated and slower than fp32."""
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported())
 
 
 class TorchBackend:
@@ -73,6 +86,8 @@ class TorchBackend:
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype, device)
         self.model = load_model(path, dtype=self.dtype).to(self.device).eval()
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            self.name = "torch-bf16"
         self.is_moe = bool(self.model.config.moe_layers)
         self.graphs = None
         if graph_buckets and self.device.type == "cuda":
@@ -159,8 +174,8 @@ def _missing_export(path: str | Path, precision: str) -> str:
 
 
 def measured_fastest(path: str | Path) -> str | None:
-    """The fastest CPU runtime recorded in <checkpoint>/backend_speed.json ("torch", "onnx-fp32",
-    "onnx-int8"), or None when the checkpoint has no such measurement (or an unreadable one)."""
+    """The fastest CPU runtime recorded in <checkpoint>/backend_speed.json (a RUNTIMES name), or None when
+    the checkpoint has no such measurement (or an unreadable one)."""
     file = Path(path) / SPEED_FILE
     if not file.is_file():
         return None
@@ -179,13 +194,15 @@ def resolve_backend(path: str | Path, backend: str, precision: str, device: str)
     """("torch" | "onnx", "fp32" | "int8") for one model, after checking that the files this runtime
     needs are there (FileNotFoundError, saying what to do, if not). `auto` on CPU runs the runtime that
     the checkpoint's backend_speed.json measured fastest at the shapes it serves (when its files are
-    there); without a measurement, its int8 ONNX export, then its fp32 one, then torch. On CUDA, auto
-    is torch (Triton) where the folder has torch weights, else its ONNX export."""
+    there; torch-bf16 only on a CPU with native bf16); without a measurement, its int8 ONNX export, then
+    its fp32 one, then torch. On CUDA, auto is torch (Triton) where the folder has torch weights, else its
+    ONNX export. Precision "bf16" (torch only) means: convert the weights to bfloat16."""
     exported = [p for p in ONNX_FILES if onnx_file(path, p).is_file()]
     weights = ("model.safetensors", "model.safetensors.index.json")
     has_weights = any((Path(path) / name).is_file() for name in weights)
     if backend == "auto" and device == "cpu":
-        available = (["torch"] if has_weights else []) + [f"onnx-{p}" for p in exported]
+        torch_runtimes = ["torch", "torch-bf16"] if native_cpu_bf16() else ["torch"]
+        available = (torch_runtimes if has_weights else []) + [f"onnx-{p}" for p in exported]
         fastest = measured_fastest(path)
         if fastest in available:
             backend, measured = RUNTIMES[fastest]
@@ -224,4 +241,6 @@ def make_backend(
     threads = threads or default_threads()
     if backend == "onnx":
         return OnnxBackend(path, precision, device, threads)
+    if precision == "bf16" and dtype == "auto":  # auto chose the measured torch-bf16 runtime
+        dtype = "bfloat16"
     return TorchBackend(path, device, threads, dtype, graph_buckets)
