@@ -191,7 +191,7 @@ def measured_fastest(path: str | Path) -> str | None:
 
 
 def resolve_backend(path: str | Path, backend: str, precision: str, device: str) -> tuple[str, str]:
-    """("torch" | "onnx", "fp32" | "int8") for one model, after checking that the files this runtime
+    """("torch" | "onnx", "fp32" | "int8" | "bf16") for one model, after checking that the files this runtime
     needs are there (FileNotFoundError, saying what to do, if not). `auto` on CPU runs the runtime that
     the checkpoint's backend_speed.json measured fastest at the shapes it serves (when its files are
     there; torch-bf16 only on a CPU with native bf16); without a measurement, its int8 ONNX export, then
