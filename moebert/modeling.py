@@ -109,7 +109,7 @@ class MoEBertSelfAttention(nn.Module):
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # [N, d] → [B, heads, T, d/heads]
             if index is not None:
-                t = t.new_zeros(B * T, d).index_put((index,), t)
+                t = t.new_zeros(B * T, d).index_put_((index,), t)
             return t.view(B, T, self.num_heads, -1).transpose(1, 2)
 
         q, k, v = (padded(proj(tokens)) for proj in (self.query, self.key, self.value))
