@@ -81,9 +81,10 @@ def main() -> None:
     from dataclasses import replace
 
     from moebert.convert import ConvertConfig, convert
+    from moebert.precision import native_bf16
     from training.datasets import load_data, tokenizer_for
     from training.finetune import default_teacher
-    from training.loop import OptimConfig, native_bf16
+    from training.loop import OptimConfig
     from training.tasks import DEFAULT_DATA_DIR, DataConfig
 
     teacher = default_teacher()

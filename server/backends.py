@@ -54,7 +54,9 @@ def native_cpu_bf16() -> bool:
     fastest runtime; elsewhere bf16 is emulated and slower than fp32."""
     import torch
 
-    return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported())
+    from moebert.precision import native_bf16
+
+    return native_bf16(torch.device("cpu"))
 
 
 class TorchBackend:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from moebert.modeling import MoEBertSelfAttention
+from moebert.precision import native_bf16
 from training.sampling import TrainBatches
 from training.train_state import TrainState, load_state, save_state
 
@@ -137,15 +138,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         is_norm = "LayerNorm" in name or name.endswith(("ln_weight", "ln_bias"))
         (no_decay if p.ndim == 1 or "bias" in name.rsplit(".", 1)[-1] or is_norm else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively (so autocast to it is a speed-up, not an emulation)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported())
-    return False
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

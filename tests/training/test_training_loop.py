@@ -10,9 +10,10 @@ import torch
 
 from moebert.convert import ConvertConfig, convert
 from moebert.loading import load_model
+from moebert.precision import native_bf16
 from training.datasets import load_split, tokenizer_for
 from training.finetune import task_loss
-from training.loop import OptimConfig, autocast_dtype, fit, native_bf16
+from training.loop import OptimConfig, autocast_dtype, fit
 from training.sampling import TrainBatches
 from training.stages import resume_folder, stage_output
 from training.tasks import DataConfig
