@@ -3,7 +3,9 @@ command and budget, dev metrics next to the teacher's, licence and attribution, 
 
 Two forms (both keep quality; the bundle must stay small), and the bundle takes the one serving the
 runtime measured fastest on this model at the shapes it serves (`benchmarks/backend_speed.py --record`
-writes <student>/backend_speed.json; it ships in the bundle and `--backend auto` reads it):
+writes <student>/backend_speed.json; it ships in the bundle and `--backend auto` reads it), or both
+(`fp16+onnx-int8`) when torch bf16 measured fastest: `auto` serves the torch weights in bf16 on a CPU with
+bf16 matmuls (AVX512-BF16 / AMX) and the int8 graph on every other CPU:
 - `onnx-int8` (default): config, tokenizer and `onnx/model.int8.onnx` only (~25 MB). Its dev metrics
   must have been measured first with benchmarks/onnx_quality.py (read from
   benchmarks/results/onnx_quality.json), and the build refuses an int8 model more than 0.5 points under
@@ -33,7 +35,9 @@ from moebert.atomic import atomic_folder
 from moebert.loading import load_model
 from server.backends import SPEED_FILE
 
-FORM_OF = {"onnx-int8": "onnx-int8", "torch": "fp16"}  # measured fastest runtime → the bundled form serving it
+# measured fastest runtime → the bundled form serving it
+FORM_OF = {"onnx-int8": "onnx-int8", "torch": "fp16", "torch-bf16": "fp16+onnx-int8"}
+FORMATS = ("onnx-int8", "fp16", "fp16+onnx-int8")
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -53,7 +57,7 @@ def main() -> None:
     p.add_argument("run", help="a quality run folder holding teacher/, eval_teacher.json and moebert/")
     p.add_argument("--task", required=True, help="task name (sst2, squad, ...)")
     p.add_argument("--row", default="moebert", help="which row of the run to bundle (default moebert)")
-    p.add_argument("--format", choices=["onnx-int8", "fp16"], default="onnx-int8", help="bundled form (see above)")
+    p.add_argument("--format", choices=FORMATS, default="onnx-int8", help="bundled form (see above)")
     p.add_argument("--max-length", type=int, help="tokens per row the served model takes (default: the model's)")
     p.add_argument("--rebuild", required=True, help="the command that retrains the run")
     p.add_argument("--budget", default="", help="training budget, in words")
@@ -62,6 +66,9 @@ def main() -> None:
         "--served-eval",
         help="fp16: `moebert evaluate models/NAME ... --output FILE` of the bundled form (its column on the card)",
     )
+    p.add_argument("--bf16-row", action="store_true",
+                   help="fp16+onnx-int8: put onnx_quality.py's torch-bf16 row (the torch weights as served on a "
+                   "CPU with bf16 matmuls) on the card")  # fmt: skip
     args = p.parse_args()
 
     run = Path(args.run)
@@ -75,15 +82,19 @@ def main() -> None:
         metrics = {"teacher": teacher, "moebert": moe}
         _check_speed_record(student, args.format)
         shutil.copy(student / SPEED_FILE, tmp / SPEED_FILE)  # what `--backend auto` runs the bundle on
-        if args.format == "fp16":
+        forms = args.format.split("+")
+        if "fp16" in forms:
             model.to(torch.float16).save_pretrained(tmp)
             if args.served_eval:
                 metrics["moebert_fp16"] = _metrics(Path(args.served_eval))
-        else:
+            if args.bf16_row:
+                metrics["moebert_bf16"] = _measured(student, args.task, "torch-bf16", moe)
+        if "onnx-int8" in forms:
             metrics["moebert_int8"] = _int8_metrics(student, args.task, moe)
             (tmp / "onnx").mkdir()
             for name in ("model.int8.onnx", "export.json"):
                 shutil.copy(student / "onnx" / name, tmp / "onnx" / name)
+        if forms == ["onnx-int8"]:
             # No torch weights travel in this form, so neither does the remote-code auto_map of the student.
             config = json.loads((student / "config.json").read_text())
             config.pop("auto_map", None)
@@ -116,12 +127,18 @@ def _metrics(path: Path) -> dict:
     return {k: v for k, v in next(iter(results.values())).items() if isinstance(v, float) and k != "seconds"}
 
 
-def _int8_metrics(student: Path, task: str, fp32: dict) -> dict:
+def _measured(student: Path, task: str, runtime: str, fp32: dict) -> dict:
+    """This student's dev metrics on `runtime`, as benchmarks/onnx_quality.py measured them."""
     measured = json.loads(ONNX_QUALITY.read_text()).get(task, {}) if ONNX_QUALITY.is_file() else {}
-    if Path(measured.get("model", "")).resolve() != student.resolve() or "onnx-int8" not in measured.get("rows", {}):
-        sys.exit(f"measure the int8 export first: python benchmarks/onnx_quality.py --model {student} --task {task}")
-    int8 = {k: v for k, v in measured["rows"]["onnx-int8"].items() if k in fp32}
-    main = measured["main_metric"]
+    if Path(measured.get("model", "")).resolve() != student.resolve() or runtime not in measured.get("rows", {}):
+        sys.exit(f"measure it first: python benchmarks/onnx_quality.py --model {student} --task {task} "
+                 f"--runtimes torch {runtime}")  # fmt: skip
+    return {k: v for k, v in measured["rows"][runtime].items() if k in fp32}
+
+
+def _int8_metrics(student: Path, task: str, fp32: dict) -> dict:
+    int8 = _measured(student, task, "onnx-int8", fp32)
+    main = json.loads(ONNX_QUALITY.read_text())[task]["main_metric"]
     if fp32[main] - int8[main] > MAX_INT8_DROP:
         sys.exit(f"int8 loses {fp32[main] - int8[main]:.2f} {main} points (> {MAX_INT8_DROP}): bundle --format fp16")
     return int8
@@ -129,32 +146,44 @@ def _int8_metrics(student: Path, task: str, fp32: dict) -> dict:
 
 def card(args, config, metrics: dict) -> str:
     teacher, moe = metrics["teacher"], metrics["moebert"]
-    int8 = "moebert_int8" in metrics
-    served = metrics.get("moebert_int8") or metrics.get("moebert_fp16")
-    label = "int8 ONNX" if int8 else "fp16"
-    header = "| metric | teacher (dense MiniLM-L6) | MoEBERT fp32 |" + (
-        f" MoEBERT {label} (served) |" if served else ""
+    forms = args.format.split("+")
+    int8, weights = "onnx-int8" in forms, "fp16" in forms
+    served = [(label, metrics[key]) for key, label in (
+        ("moebert_int8", "int8 ONNX"), ("moebert_bf16", "bf16 torch"), ("moebert_fp16", "fp16")) if key in metrics
+    ]  # fmt: skip
+    header = "| metric | teacher (dense MiniLM-L6) | MoEBERT fp32 |" + "".join(
+        f" MoEBERT {label} (served) |" for label, _ in served
     )
     rows = "\n".join(
-        f"| {k} | {teacher.get(k, float('nan')):.2f} | {v:.2f} |" + (f" {served[k]:.2f} |" if served else "")
+        f"| {k} | {teacher.get(k, float('nan')):.2f} | {v:.2f} |" + "".join(f" {m[k]:.2f} |" for _, m in served)
         for k, v in moe.items()
     )
-    form = (
-        "Stored as a dynamically quantized int8 ONNX graph (per-channel weights, routing inside the graph): "
-        "`moebert serve` runs it on ONNX Runtime. The torch weights are not bundled (size); the rebuild "
-        "command below recreates them."
-        if int8
-        else "Stored in fp16 safetensors (loaded back in fp32); `moebert serve` runs it on torch."
-    ) + (f" {args.why}" if args.why else "")
+    if int8 and weights:
+        form = (
+            "Two forms: fp16 safetensors, which `moebert serve --backend auto` runs on torch in bf16 on a CPU "
+            "with bf16 matmuls (AVX512-BF16 / AMX: the runtime measured fastest, backend_speed.json), and a "
+            "dynamically quantized int8 ONNX graph (per-channel weights, routing inside the graph), which it "
+            "runs on ONNX Runtime on every other CPU."
+        )
+    elif int8:
+        form = (
+            "Stored as a dynamically quantized int8 ONNX graph (per-channel weights, routing inside the graph): "
+            "`moebert serve` runs it on ONNX Runtime. The torch weights are not bundled (size); the rebuild "
+            "command below recreates them."
+        )
+    else:
+        form = "Stored in fp16 safetensors (loaded back in fp32); `moebert serve` runs it on torch."
+    form += f" {args.why}" if args.why else ""
     length = ["--max-length", str(args.max_length)] if args.max_length else []
     student = str(Path(args.run) / args.row / "student")
     build = shlex.join(["python", "models/build.py", args.name, args.run, "--task", args.task, "--format", args.format,
                         *length])  # fmt: skip
     rebuild = [args.rebuild]
     if int8:
-        rebuild.append(
-            shlex.join(["python", "benchmarks/onnx_quality.py", "--model", student, "--task", args.task, *length])
-        )
+        runtimes = ["--runtimes", "torch", "onnx-int8", "torch-bf16"] if "moebert_bf16" in metrics else []
+        rebuild.append(shlex.join(
+            ["python", "benchmarks/onnx_quality.py", "--model", student, "--task", args.task, *length, *runtimes]
+        ))  # fmt: skip
     rebuild.append(json.loads((Path(student) / SPEED_FILE).read_text())["command"])
     if args.served_eval:
         rebuild.append(build + ' --rebuild "..." --budget "..."')
@@ -162,9 +191,9 @@ def card(args, config, metrics: dict) -> str:
                                    "--output", args.served_eval]))  # fmt: skip
         rebuild.append(build + f' --served-eval {args.served_eval} --rebuild "..." --budget "..."')
     else:
-        rebuild.append(build + ' --rebuild "..." --budget "..."')
+        rebuild.append(build + (" --bf16-row" if "moebert_bf16" in metrics else "") + ' --rebuild "..." --budget "..."')
     rebuild = "\n".join(rebuild)
-    portable = "" if int8 else _portable_section(args.task)
+    portable = _portable_section(args.task) if weights else ""
     max_length = f"- Max length: {args.max_length} tokens per row, as trained\n" if args.max_length else ""
     return f"""# {args.name}: MoEBERT ({args.task})
 
