@@ -220,6 +220,9 @@ def configurations(args) -> list[tuple[str, callable]]:
         table["moebert-qa-onnx-int8"] = ours(
             "moebert-qa-onnx-int8", args.qa, ["--backend", "onnx", "--onnx-precision", "int8"], "qa"
         )
+        table["moebert-qa-torch-bf16"] = ours(  # the QA bundle's torch weights, as auto serves them with AMX
+            "moebert-qa-torch-bf16", args.qa, ["--backend", "torch", "--dtype", "bfloat16"], "qa"
+        )
     chosen = []
     for name in args.configs:
         if name == "infinity" and not (Path(args.infinity_venv) / "bin" / "infinity_emb").exists():
