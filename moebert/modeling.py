@@ -13,6 +13,7 @@ forward that a CUDA graph can capture; padding rows are computed and discarded).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -440,6 +441,10 @@ class MoEBertPreTrainedModel(PreTrainedModel):
         folder loads with `trust_remote_code=True` where this project is not installed."""
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
+            # transformers writes the weights through a private temporary file (mode 0600): a checkpoint
+            # trained as one user would not load in a service running as another (the Docker image's).
+            for weights in Path(save_directory).glob("model*.safetensors*"):
+                weights.chmod(0o644)
             from moebert.remote_code import write_remote_code
 
             write_remote_code(save_directory)

@@ -94,10 +94,10 @@ _MODELING_REWRITES = (
     ),
     ("        from kernels import check_backend\n\n", ""),
     (
-        "        if is_main_process:\n            from moebert.remote_code import write_remote_code\n\n"
+        "            from moebert.remote_code import write_remote_code\n\n"
         "            write_remote_code(save_directory)\n",
-        "        # Loaded as remote code, the class is registered for its auto class: transformers itself\n"
-        "        # copies this file next to the weights and writes auto_map.\n",
+        "            # Loaded as remote code, the class is registered for its auto class: transformers itself\n"
+        "            # copies this file next to the weights and writes auto_map.\n",
     ),
 )
 

@@ -179,3 +179,13 @@ def test_backend_env_var_selects_reference(tiny_cls_dir, padded_batch, tmp_path,
     ref_logits, _ = our_logits(model, padded_batch)
     assert len(calls) == 3  # one per MoE layer
     torch.testing.assert_close(ref_logits, torch_logits, rtol=0, atol=1e-5)
+
+
+def test_saved_weights_are_readable_by_other_users(tmp_path):
+    """transformers writes model.safetensors through a private (0600) temporary file; a checkpoint trained
+    as one user must load in a service running as another (the Docker image's user)."""
+    from tests.tiny_moebert import tiny_model
+
+    tiny_model("hash-random").save_pretrained(tmp_path)
+    for name in ("model.safetensors", "config.json", "modeling_moebert.py"):
+        assert (tmp_path / name).stat().st_mode & 0o044 == 0o044, name
