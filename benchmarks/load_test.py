@@ -220,7 +220,7 @@ def configurations(args) -> list[tuple[str, callable]]:
         table["moebert-qa-onnx-int8"] = ours(
             "moebert-qa-onnx-int8", args.qa, ["--backend", "onnx", "--onnx-precision", "int8"], "qa"
         )
-        table["moebert-qa-torch-bf16"] = ours(  # the QA bundle's torch weights, as auto serves them with AMX
+        table["moebert-qa-torch-bf16"] = ours(  # a QA checkpoint with torch weights, on the bf16 runtime
             "moebert-qa-torch-bf16", args.qa, ["--backend", "torch", "--dtype", "bfloat16"], "qa"
         )
     chosen = []

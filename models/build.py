@@ -160,10 +160,10 @@ def card(args, config, metrics: dict) -> str:
     )
     if int8 and weights:
         form = (
-            "Two forms: fp16 safetensors, which `moebert serve --backend auto` runs on torch in bf16 on a CPU "
-            "with bf16 matmuls (AVX512-BF16 / AMX: the runtime measured fastest, backend_speed.json), and a "
-            "dynamically quantized int8 ONNX graph (per-channel weights, routing inside the graph), which it "
-            "runs on ONNX Runtime on every other CPU."
+            "fp16 safetensors and a dynamically quantized int8 ONNX graph (per-channel weights, routing inside "
+            "the graph). `moebert serve --backend auto` runs the weights on torch in bf16 on a CPU with bf16 "
+            "matmuls (AVX512-BF16 / AMX: the runtime measured fastest, backend_speed.json), and the int8 graph "
+            "on ONNX Runtime on every other CPU."
         )
     elif int8:
         form = (
@@ -210,7 +210,7 @@ project's own pipeline from the offline teacher all-MiniLM-L6-v2 (PyPI `gt-all-m
 ## Dev metrics (full dev set)
 
 {header}
-|---|---:|---:|{"---:|" if served else ""}
+|---|---:|---:|{"---:|" * len(served)}
 {rows}
 {portable}
 ## Rebuild

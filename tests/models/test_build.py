@@ -38,5 +38,7 @@ def test_card_of_both_forms_lists_each_served_form(tmp_path):
     text = build.card(args, tiny_model("hash-random", task="qa").config, metrics)
     assert "| MoEBERT int8 ONNX (served) | MoEBERT bf16 torch (served) |" in text
     assert "| f1 | 76.80 | 72.30 | 72.00 | 72.20 |" in text
-    assert "Two forms" in text and "Loading without this project" in text  # torch weights travel: portable code
+    assert "|---|---:|---:|---:|---:|" in text  # one column per served form
+    assert "fp16 safetensors and a dynamically quantized int8 ONNX graph" in text
+    assert "Loading without this project" in text  # torch weights travel: portable code
     assert "--runtimes torch onnx-int8 torch-bf16" in text and "--bf16-row" in text
