@@ -220,6 +220,10 @@ def configurations(args) -> list[tuple[str, callable]]:
         table["moebert-qa-onnx-int8"] = ours(
             "moebert-qa-onnx-int8", args.qa, ["--backend", "onnx", "--onnx-precision", "int8"], "qa"
         )
+        if args.qa_dense:
+            table["dense-qa-onnx-int8"] = ours(
+                "dense-qa-onnx-int8", args.qa_dense, ["--backend", "onnx", "--onnx-precision", "int8"], "qa"
+            )
         table["moebert-qa-torch-bf16"] = ours(  # a QA checkpoint with torch weights, on the bf16 runtime
             "moebert-qa-torch-bf16", args.qa, ["--backend", "torch", "--dtype", "bfloat16"], "qa"
         )
@@ -228,7 +232,7 @@ def configurations(args) -> list[tuple[str, callable]]:
         if name == "infinity" and not (Path(args.infinity_venv) / "bin" / "infinity_emb").exists():
             print(f"skipping infinity: no {args.infinity_venv}/bin/infinity_emb", file=sys.stderr)
             continue
-        if name.startswith("moebert-qa") and not args.qa:
+        if (name.startswith("moebert-qa") and not args.qa) or (name.startswith("dense-qa") and not args.qa_dense):
             continue
         chosen.append((name, table[name]))
     return chosen
@@ -342,8 +346,8 @@ def moe_vs_dense(results: list[Result]) -> list[tuple[str, str, Result, Result]]
     by_name = {(r.config, r.mode): r for r in results if r.mode.startswith("closed") and r.ok}
     pairs = []
     for (config, mode), moe in by_name.items():
-        if config.startswith("moebert-") and not config.startswith("moebert-qa"):
-            backend = config.removeprefix("moebert-")
+        if config.startswith("moebert-"):
+            backend = config.removeprefix("moebert-")  # "qa-onnx-int8" pairs with dense-qa-onnx-int8
             dense = by_name.get((f"dense-{backend}", mode))
             if dense is not None:
                 pairs.append((backend, mode, moe, dense))
@@ -355,6 +359,7 @@ def main(argv=None) -> int:
     p.add_argument("--moe", default="runs/minilm-cls-moe", help="MoEBERT classifier (with onnx/ exported)")
     p.add_argument("--dense", default="runs/minilm-cls", help="its dense teacher (with onnx/ exported)")
     p.add_argument("--qa", help="a QA checkpoint (with onnx/) to load /v1/qa with SQuAD dev pairs")
+    p.add_argument("--qa-dense", help="its dense QA teacher (with onnx/): the dense-qa-onnx-int8 configuration")
     p.add_argument("--configs", nargs="+", default=["moebert-torch", "moebert-onnx-fp32", "moebert-onnx-int8",
                    "dense-torch", "naive", "infinity", "moebert-qa-onnx-int8"])  # fmt: skip
     p.add_argument("--concurrency", type=int, nargs="*", default=[16], help="closed-loop clients (default 16)")
