@@ -160,7 +160,7 @@ def gemm_floor(dense, moe, tokens: int, repeats: int, rng) -> dict:
                 times[key].append(time.perf_counter() - start)
     us = {key: 1e6 * statistics.median(t) / len(dense_layers) for key, t in times.items()}
     row = {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "dense_gemm_us": us["dense"],
-           "moe_gemm_us": us["moe"], "rows_per_expert": [c for _, c in experts][0]}  # fmt: skip
+           "moe_gemm_us": us["moe"], "rows_per_expert": experts[0][1]}  # fmt: skip
     print(f"GEMMs {row['dtype']:<9} {tokens:>5} tokens: dense {us['dense']:7.0f} µs/layer, experts {us['moe']:7.0f}")
     return row
 

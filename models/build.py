@@ -88,7 +88,7 @@ def main() -> None:
             if args.served_eval:
                 metrics["moebert_fp16"] = _metrics(Path(args.served_eval))
             if args.bf16_row:
-                metrics["moebert_bf16"] = _measured(student, args.task, "torch-bf16", moe)
+                metrics["moebert_bf16"], _ = _measured(student, args.task, "torch-bf16", moe)
         if "onnx-int8" in forms:
             metrics["moebert_int8"] = _int8_metrics(student, args.task, moe)
             (tmp / "onnx").mkdir()
@@ -127,18 +127,18 @@ def _metrics(path: Path) -> dict:
     return {k: v for k, v in next(iter(results.values())).items() if isinstance(v, float) and k != "seconds"}
 
 
-def _measured(student: Path, task: str, runtime: str, fp32: dict) -> dict:
-    """This student's dev metrics on `runtime`, as benchmarks/onnx_quality.py measured them."""
+def _measured(student: Path, task: str, runtime: str, fp32: dict) -> tuple[dict, str]:
+    """This student's dev metrics on `runtime` as benchmarks/onnx_quality.py measured them, and the task's
+    main metric."""
     measured = json.loads(ONNX_QUALITY.read_text()).get(task, {}) if ONNX_QUALITY.is_file() else {}
     if Path(measured.get("model", "")).resolve() != student.resolve() or runtime not in measured.get("rows", {}):
         sys.exit(f"measure it first: python benchmarks/onnx_quality.py --model {student} --task {task} "
                  f"--runtimes torch {runtime}")  # fmt: skip
-    return {k: v for k, v in measured["rows"][runtime].items() if k in fp32}
+    return {k: v for k, v in measured["rows"][runtime].items() if k in fp32}, measured["main_metric"]
 
 
 def _int8_metrics(student: Path, task: str, fp32: dict) -> dict:
-    int8 = _measured(student, task, "onnx-int8", fp32)
-    main = json.loads(ONNX_QUALITY.read_text())[task]["main_metric"]
+    int8, main = _measured(student, task, "onnx-int8", fp32)
     if fp32[main] - int8[main] > MAX_INT8_DROP:
         sys.exit(f"int8 loses {fp32[main] - int8[main]:.2f} {main} points (> {MAX_INT8_DROP}): bundle --format fp16")
     return int8
