@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from batch_shapes import make_batch, parse_shape
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -92,14 +93,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for shape in args.shapes:
-        padded = shape.lower().endswith("p")
-        batch, tokens = (int(x) for x in shape.lower().removesuffix("p").split("x"))
-        ids = rng.integers(1000, 20000, (batch, tokens)).astype(np.int64)  # [B, T]
-        mask, types = np.ones_like(ids), np.zeros_like(ids)
-        if padded:  # a served batch of mixed lengths: the longest row fills T, the others T/4..T tokens
-            lengths = [tokens, *rng.integers(max(1, tokens // 4), tokens + 1, batch - 1)]
-            mask = (np.arange(tokens)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
-            ids = ids * mask
+        batch, tokens, padded = parse_shape(shape)
+        ids, mask, types = make_batch(batch, tokens, padded, rng)  # [B, T]
         for runner in runners.values():  # warm-up
             runner.run(ids, mask, types), runner.run(ids, mask, types)
         times = {key: [] for key in runners}

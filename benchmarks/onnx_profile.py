@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from batch_shapes import make_batch, parse_shape
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -38,22 +39,25 @@ def graphs(spec: str) -> list[tuple[str, Path]]:
     return [(label, f) for label, f in out if f.is_file()]
 
 
-def profile(file: Path, batch: int, tokens: int, threads: int, runs: int, warmup: int = 3) -> dict:
-    """One graph at one shape → per-op-type ms per run and single-threaded counts."""
+def profile(file: Path, shape: str, threads: int, runs: int, keep_denormals: bool = False, warmup: int = 3) -> dict:
+    """One graph at one shape ("BxT" or "BxTp", benchmarks/batch_shapes.py) → per-op-type ms per run and
+    single-threaded counts. keep_denormals: run as the server did before it flushed them (FTZ/DAZ off)."""
     import onnxruntime as ort
+    import torch
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    from server.backends import ort_session_options
+
+    options = ort_session_options(threads)  # as the server runs it
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the server runs it
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    if keep_denormals:
+        options.add_session_config_entry("session.set_denormal_as_zero", "0")
     session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 20000, (batch, tokens)).astype(np.int64)  # [B, T]
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    ids, mask, types = make_batch(*parse_shape(shape), np.random.default_rng(0))  # [B, T]
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
+    torch.set_flush_denormal(not keep_denormals)  # this thread runs the graph (all of it at 1 thread)
     for _ in range(warmup + runs):
         session.run(None, feeds)
     trace = json.loads(Path(session.end_profiling()).read_text())
@@ -87,7 +91,15 @@ def profile(file: Path, batch: int, tokens: int, threads: int, runs: int, warmup
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT or NAME=FILE.onnx (repeatable)")
-    p.add_argument("--shapes", nargs="+", default=["32x128", "1x128", "16x24"], help="BATCHxTOKENS shapes")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["32x128", "1x128", "16x24"],
+        help="BATCHxTOKENS shapes; a trailing p (8x48p) pads rows of mixed lengths to TOKENS",
+    )
+    p.add_argument("--denormals", nargs="+", choices=("flush", "keep"), default=["flush"],
+                   help="flush: FTZ/DAZ on, as the server runs; keep: off (what denormals cost); `flush keep` profiles "
+                   "each graph both ways")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--runs", type=int, default=10, help="profiled runs per cell (after 3 warm-up runs)")
     p.add_argument("--top", type=int, default=12, help="op types listed per cell")
@@ -97,11 +109,12 @@ def main() -> None:
     files = [g for spec in args.model for g in graphs(spec)]
     results = []
     for shape in args.shapes:
-        batch, tokens = (int(x) for x in shape.lower().split("x"))
         for label, file in files:
-            r = profile(file, batch, tokens, args.threads, args.runs)
-            results.append({"graph": label, "file": str(file), "shape": shape, **r})
-            print(f"{shape:>7} {label:<20} {r['ms']:8.2f} ms", flush=True)
+            for mode in args.denormals:
+                r = profile(file, shape, args.threads, args.runs, keep_denormals=mode == "keep")
+                graph = label if mode == "flush" or args.denormals == ["keep"] else f"{label}, denormals kept"
+                results.append({"graph": graph, "file": str(file), "shape": shape, "denormals": mode, **r})
+                print(f"{shape:>7} {graph:<36} {r['ms']:8.2f} ms", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = [
