@@ -179,6 +179,8 @@ def configurations(args) -> list[tuple[str, callable]]:
     if args.max_seq_len:  # also bounds the CUDA-graph buckets captured at start-up
         device += ["--max-seq-len", str(args.max_seq_len)]
     knobs = ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096"]
+    if args.max_batch_tokens:
+        knobs += ["--max-batch-tokens", str(args.max_batch_tokens)]
 
     def ours(name, path, backend_flags, task="classification"):
         def start():
@@ -380,6 +382,7 @@ def main(argv=None) -> int:
                    help="this service's device (cuda: with --configs moebert-torch dense-torch)")  # fmt: skip
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="this service's batching wait")
     p.add_argument("--max-seq-len", type=int, help="this service's tokens per row (default: the model's)")
+    p.add_argument("--max-batch-tokens", type=int, help="this service's padded tokens per batch (default: its own)")
     p.add_argument("--infinity-venv", default=os.environ.get("INFINITY_VENV", ".venv-infinity"))
     p.add_argument("--name", default="load_test", help="results file stem under benchmarks/results (default load_test)")
     p.add_argument("--naive-server", metavar="MODEL", help=argparse.SUPPRESS)

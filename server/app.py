@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.batching import Batcher, Row, Scheduler, pad_batch
+from server.batching import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Batcher, Row, Scheduler, measure_batch_tokens, pad_batch
 from server.errors import (
     ApiError,
     BadRequest,
@@ -102,15 +102,19 @@ class ServerState:
         try:
             for name, path in settings.models.items():
                 model = await self.loop.run_in_executor(self.executor, load_served_model, name, path, settings)
+                default_tokens = GPU_BATCH_TOKENS if settings.device == "cuda" else CPU_BATCH_TOKENS
                 model.batcher = Batcher(
                     name, model.backend.run, self.scheduler, self.metrics,
                     pad_id=model.pad_id, moe_layers=list(model.config.moe_layers),
-                    max_batch_tokens=settings.max_batch_tokens, max_batch_requests=settings.max_batch_requests,
+                    max_batch_tokens=settings.max_batch_tokens or default_tokens,
+                    max_batch_requests=settings.max_batch_requests,
                     max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, max_row_len=model.max_seq_len,
                     max_batch_s=settings.max_batch_ms / 1000, max_queue_wait_s=settings.request_timeout_s / 2,
                 )  # fmt: skip
                 if settings.warmup:
                     await self.loop.run_in_executor(self.executor, warm_up, model)
+                    if settings.max_batch_tokens is None and settings.device == "cpu":
+                        await self.loop.run_in_executor(self.executor, fit_batch_tokens, model)
                 self.scheduler.add(model.batcher)
                 self.registry.models[name] = model
             self.ready = True
@@ -178,6 +182,18 @@ def warm_up(model) -> None:
         model.backend.run(*inputs)
         if model.batcher is not None and length > 8:  # the first call pays for lazy initialization
             model.batcher.learn(time.perf_counter() - started, inputs[0].size)
+
+
+def fit_batch_tokens(model) -> None:
+    """Set the model's padded tokens per batch to the size it runs fastest per token (measured here)."""
+    b = model.batcher
+    tokens, s_per_token = measure_batch_tokens(
+        model.backend.run, model.pad_id, model.max_seq_len, b.max_batch_requests, b.max_batch_s
+    )
+    b.max_batch_tokens = tokens
+    b.learn(s_per_token * tokens, tokens)
+    log.info("%s: %d padded tokens per batch (measured fastest per token: %.1f µs)", model.name, tokens,
+             s_per_token * 1e6)  # fmt: skip
 
 
 class Guard:

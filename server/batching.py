@@ -117,6 +117,52 @@ def pad_batch(rows: list[Row], pad_id: int, max_len: int | None = None) -> tuple
     return input_ids, attention_mask, token_type_ids
 
 
+# Padded tokens per batch when none is set and none is measured: on CUDA (bigger calls only fill the GPU
+# better), and on the CPU when the server starts without warm-up (between the measured best sizes below).
+GPU_BATCH_TOKENS = 8192
+CPU_BATCH_TOKENS = 1024
+# Model-call sizes the start-up measurement tries (padded tokens), and how close to the best time per token
+# a bigger size must come to be preferred (the model time is then the same, and fewer calls spread the
+# server's per-batch work over more rows).
+PROBE_BATCH_TOKENS = (256, 512, 1024, 2048, 4096)
+PROBE_TOLERANCE = 1.05
+
+
+def measure_batch_tokens(
+    run: Callable[[np.ndarray, np.ndarray, np.ndarray], dict], pad_id: int, max_row_len: int, max_rows: int,
+    max_batch_s: float, sizes: tuple[int, ...] = PROBE_BATCH_TOKENS,
+) -> tuple[int, float]:  # fmt: skip
+    """The padded tokens per model call at which this model runs fastest per token, measured: → (tokens,
+    seconds per token there). Rows of min(128, max_row_len) tokens, sizes from `sizes` (rows capped at
+    max_rows); each size run once cold and twice timed (the faster counts); larger sizes are not tried once a
+    call takes longer than max_batch_s (batches are cut to that time anyway). The largest size within
+    PROBE_TOLERANCE of the best time per token wins.
+
+    Why measured: the best call size depends on the runtime and the machine. On 2 cores (AMX), MiniLM-L6,
+    rows of 128 tokens: ONNX Runtime int8 is fastest per token at 256–512 tokens and 25% slower at 4096
+    (served QA at 16 clients: 95 req/s with calls of ≤ 512 tokens, 56 with 8192); ONNX fp32 at 512; torch
+    fp32 at 512–4096; torch bf16 at 4096 (benchmarks/results/batch_tokens.md)."""
+    length = max(2, min(128, max_row_len))
+    row = Row([101] + [1000] * (length - 2) + [102], [0] * length, None)  # type: ignore[arg-type]
+    measured: dict[int, float] = {}  # tokens → seconds per token
+    for size in sizes:
+        rows = max(1, min(max_rows, size // length))
+        inputs = pad_batch([row] * rows, pad_id, max_row_len)
+        best = float("inf")
+        for timed in (False, True, True):
+            started = time.perf_counter()
+            run(*inputs)
+            if timed:
+                best = min(best, time.perf_counter() - started)
+        tokens = int(inputs[0].size)
+        measured[tokens] = best / tokens
+        if best > max_batch_s or rows == max_rows:
+            break
+    fastest = min(measured.values())
+    tokens = max(t for t, rate in measured.items() if rate <= PROBE_TOLERANCE * fastest)
+    return tokens, measured[tokens]
+
+
 class Scheduler:
     """Runs every model's batches on one inference thread, the models taking turns (round robin)."""
 

@@ -45,7 +45,13 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--port", {"type": int, "help": "port (default 8000)"}),
     ("--api-key", {"help": "require `Authorization: Bearer KEY` on /v1/*"}),
     ("--models-dir", {"help": "with no --model: serve every checkpoint in this folder (default: the bundled models/)"}),
-    ("--max-batch-tokens", {"type": int, "help": "padded tokens per batch (default 8192)"}),
+    (
+        "--max-batch-tokens",
+        {
+            "type": int,
+            "help": "padded tokens per batch (default: measured per model at start-up on the CPU, 8192 on CUDA)",
+        },
+    ),
     ("--max-batch-requests", {"type": int, "help": "rows per batch (default 64)"}),
     ("--max-wait-ms", {"type": float, "help": "how long a lone row waits for company (default 2)"}),
     ("--max-queue", {"type": int, "help": "rows queued per model before 429 (default 512; more in one request: 413)"}),

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.backends import Backend, make_backend
-from server.batching import Batcher
+from server.batching import GPU_BATCH_TOKENS, Batcher
 from server.errors import InvalidInput, PayloadTooLarge, UnknownModel
 from server.settings import ServerSettings
 
@@ -66,6 +66,7 @@ class ServedModel:
             "moe_layers": list(cfg.moe_layers),
             "max_seq_len": self.max_seq_len,
             "backend": self.backend.name,
+            "max_batch_tokens": self.batcher.max_batch_tokens if self.batcher is not None else None,
         }
 
     def encode(self, items: list[tuple[str, str | None]], truncate: bool) -> list[tuple[list[int], list[int]]]:
@@ -104,7 +105,7 @@ def load_served_model(name: str, path: str, settings: ServerSettings) -> ServedM
     if settings.device == "cuda" and settings.cuda_graphs:
         from server.cuda_graphs import graph_buckets
 
-        buckets = graph_buckets(settings.max_batch_requests, settings.max_batch_tokens, max_seq_len)
+        buckets = graph_buckets(settings.max_batch_requests, settings.max_batch_tokens or GPU_BATCH_TOKENS, max_seq_len)
     backend = make_backend(
         path, settings.backend, settings.onnx_precision, settings.device, settings.threads, settings.dtype, buckets
     )

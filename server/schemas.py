@@ -113,6 +113,9 @@ class ModelInfo(BaseModel):
     moe_layers: list[int]
     max_seq_len: int
     backend: str
+    max_batch_tokens: int | None = Field(
+        None, description="padded tokens per model call (set, or measured at start-up)"
+    )
 
 
 class ModelList(BaseModel):

@@ -60,6 +60,8 @@ def test_health_and_models(client):
     assert models["cls"]["routing"] == "hash-random" and models["cls"]["experts"] == 4
     assert models["cls"]["moe_layers"] == [0, 1, 2] and models["dense"]["moe_layers"] == []
     assert models["dense"]["routing"] is None and models["cls"]["backend"] == "torch"
+    for m in models.values():  # no --max-batch-tokens: measured at start-up, one of the sizes tried
+        assert 16 <= m["max_batch_tokens"] <= 4096, m
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/classify", "/v1/qa", "/v1/models"}
 
 
@@ -240,7 +242,7 @@ def test_metrics_are_exported_and_move(client):
 # Overload, auth, disconnects, draining: a server whose rows wait 1 s for company, so that the queue
 # state is deterministic.
 
-SLOW = ("--max-wait-ms", "1000", "--max-queue", "4", "--api-key", "s3cret")
+SLOW = ("--max-wait-ms", "1000", "--max-queue", "4", "--api-key", "s3cret", "--max-batch-tokens", "3000")
 AUTH = {"Authorization": "Bearer s3cret"}
 
 
@@ -257,6 +259,8 @@ def test_api_key(slow_server):
     assert_error(wrong, 401)
     assert httpx.post(slow_server.url + "/v1/classify", json=body, headers=AUTH, timeout=10).status_code == 200
     assert httpx.get(slow_server.url + "/health/ready").status_code == 200  # probes need no key
+    (model,) = httpx.get(slow_server.url + "/v1/models", headers=AUTH).json()["models"]
+    assert model["max_batch_tokens"] == 3000  # as set: no measurement
 
 
 def test_overload_gives_429_then_recovers(slow_server):
