@@ -13,25 +13,19 @@ Writes benchmarks/results/<--name>.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from batch_shapes import make_batch
-from bench_backends import BACKENDS, build_models, make
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
+from bench_backends import BACKENDS, add_model_args, make, model_pair
+from results_files import pyplot, write_results
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dense", help="dense classifier checkpoint with onnx/ (default: built under --workdir)")
-    p.add_argument("--moe", help="its MoEBERT conversion with onnx/ (default: built under --workdir)")
-    p.add_argument("--workdir", default="/tmp/moebert-bench-backends", help="where the models are built")
+    add_model_args(p)
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends to time")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256], help="tokens per row")
     p.add_argument("--max-tokens", type=int, default=8192, help="largest call tried (padded tokens)")
@@ -41,10 +35,7 @@ def main() -> None:
     p.add_argument("--note", default="", help="a line for the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
 
-    if args.dense and args.moe:
-        paths = {"dense": Path(args.dense), "moe": Path(args.moe)}
-    else:
-        paths = dict(zip(("dense", "moe"), build_models(Path(args.workdir)), strict=True))
+    paths = model_pair(args)
     runners = {(b, m): make(path, b, args.threads) for b in args.backends for m, path in paths.items()}
     rng = np.random.default_rng(0)
     rows = []
@@ -91,17 +82,9 @@ def write(rows: list[dict], args, paths: dict) -> None:
                 best = min(v for v in values.values() if v is not None)
                 cells = ["" if v is None else (f"**{v:.1f}**" if v == best else f"{v:.1f}") for v in values.values()]
                 lines.append(f"| {backend} | {model} | {length} | " + " | ".join(cells) + " |")
-    out = RESULTS / args.name
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    out = write_results(args.name, lines, rows)
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(args.lengths), figsize=(5 * len(args.lengths), 3.4), squeeze=False)
     for ax, length in zip(axes[0], args.lengths, strict=True):

@@ -16,7 +16,6 @@ Writes benchmarks/results/<--name>.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 from batch_shapes import make_batch, parse_shape
+from results_files import pyplot, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-RESULTS = REPO / "benchmarks" / "results"
 BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")  # torch-bf16: `--backend torch --dtype bfloat16`
 
 
@@ -62,6 +61,20 @@ def build_models(workdir: Path) -> tuple[Path, Path]:
     return dense, moe
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--dense / --moe / --workdir: the two checkpoints timed side by side (see model_pair)."""
+    p.add_argument("--dense", help="dense classifier checkpoint with onnx/ (default: built under --workdir)")
+    p.add_argument("--moe", help="its MoEBERT conversion with onnx/ (default: built under --workdir)")
+    p.add_argument("--workdir", default="/tmp/moebert-bench-backends", help="where the models are built")
+
+
+def model_pair(args) -> dict[str, Path]:
+    """{"dense": checkpoint, "moe": checkpoint}: the ones given, or the pair built under --workdir."""
+    if args.dense and args.moe:
+        return {"dense": Path(args.dense), "moe": Path(args.moe)}
+    return dict(zip(("dense", "moe"), build_models(Path(args.workdir)), strict=True))
+
+
 def make(path: Path, backend: str, threads: int):
     from server.backends import OnnxBackend, TorchBackend
 
@@ -72,9 +85,7 @@ def make(path: Path, backend: str, threads: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dense", help="dense classifier checkpoint with onnx/ (default: built under --workdir)")
-    p.add_argument("--moe", help="its MoEBERT conversion with onnx/ (default: built under --workdir)")
-    p.add_argument("--workdir", default="/tmp/moebert-bench-backends", help="where the models are built")
+    add_model_args(p)
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends to time")
     p.add_argument("--shapes", nargs="+", default=["32x128", "1x128", "16x24"],
                    help="BATCHxTOKENS shapes; a trailing p (8x48p) pads rows of mixed lengths to TOKENS, as the "
@@ -85,10 +96,7 @@ def main() -> None:
     p.add_argument("--note", default="", help="a line for the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
 
-    if args.dense and args.moe:
-        paths = {"dense": Path(args.dense), "moe": Path(args.moe)}
-    else:
-        paths = dict(zip(("dense", "moe"), build_models(Path(args.workdir)), strict=True))
+    paths = model_pair(args)
     runners = {(b, m): make(path, b, args.threads) for b in args.backends for m, path in paths.items()}
     rng = np.random.default_rng(0)
     rows = []
@@ -137,17 +145,9 @@ def write(rows: list[dict], args, paths: dict) -> None:
         shape = f"{r['batch']} × {r['tokens']}" + (" padded" if r.get("padded") else "")
         lines.append(f"| {r['backend']} | {shape} | {r['dense_ms']:.1f} | {r['moe_ms']:.1f} "
                      f"| {r['speedup']:.2f}× | {r['target']}× | {met} |")  # fmt: skip
-    out = RESULTS / args.name
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    out = write_results(args.name, lines, {"env": env, "rows": rows})
+    plt = pyplot()
+    if plt is None:
         return
     label = lambda r: f"{r['batch']}×{r['tokens']}" + ("p" if r.get("padded") else "")  # noqa: E731
     shapes = list(dict.fromkeys(label(r) for r in rows))

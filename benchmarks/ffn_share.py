@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -30,10 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_files import pyplot, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-RESULTS = REPO / "benchmarks" / "results"
 
 
 @contextlib.contextmanager
@@ -203,17 +202,9 @@ def write(rows: list[dict], gemms: list[dict], args) -> None:
     for g in gemms:
         lines.append(f"| {g['dtype']} | {g['tokens']} | {g['rows_per_expert']} | {g['dense_gemm_us']:.0f} "
                      f"| {g['moe_gemm_us']:.0f} | {g['dense_gemm_us'] / g['moe_gemm_us']:.2f}× |")  # fmt: skip
-    out = RESULTS / args.name
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows, "gemms": gemms}, indent=1) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    out = write_results(args.name, lines, {"env": env, "rows": rows, "gemms": gemms})
+    plt = pyplot()
+    if plt is None:
         return
     labels = [f"{r['dtype'].replace('float', 'fp').replace('bfloat', 'bf')}\n{r['batch']}×{r['tokens']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows)), 3.4))

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from load_clients import Result, Tally, closed_loop, encode_requests, open_loop
 from pydantic import BaseModel
+from results_files import pyplot
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -318,12 +319,8 @@ def write_report(results: list[Result], args) -> None:
             lines.append(f"| {backend} | {mode} | {moe.throughput} | {dense.throughput} | {ratio:.2f}× "
                          f"| {moe.p99_ms} | {dense.p99_ms} | {met} |")  # fmt: skip
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     closed = [r for r in results if r.mode.startswith("closed") and r.ok]
     if not closed:

@@ -18,7 +18,6 @@ Writes benchmarks/results/<--name>.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,10 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_files import pyplot, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-RESULTS = REPO / "benchmarks" / "results"
 D, D_FFN, E, D_E = 384, 1536, 4, 384
 
 
@@ -204,17 +203,9 @@ def write(rows: list[dict], args) -> None:
     for n in tokens:
         devs = [f"max \\|Δ\\| {cell[(n, g)]['max_abs_dev']:.1e}" for g in graphs if not g.startswith("dense")]
         lines.append(f"| {n} | " + " | ".join(devs) + " |")
-    out = RESULTS / args.name
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    out = write_results(args.name, lines, rows)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for g in graphs:

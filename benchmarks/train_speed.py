@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_files import pyplot
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -169,12 +170,8 @@ def main() -> None:
 
 
 def _plot(results: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.barh([r["row"] for r in results][::-1], [r["examples_per_s"] for r in results][::-1], color="#4c72b0")
