@@ -32,7 +32,7 @@ def test_card_of_both_forms_lists_each_served_form(tmp_path):
     (student / "backend_speed.json").write_text(json.dumps({"fastest": "torch-bf16", "command": "python b.py"}))
     args = SimpleNamespace(name="squad", run=str(tmp_path / "run"), row="moebert", task="squad",
                            format="fp16+onnx-int8", max_length=256, rebuild="python q.py", budget="", why="",
-                           served_eval=None, bf16_row=True)  # fmt: skip
+                           served_eval=None)  # fmt: skip
     metrics = {"teacher": {"f1": 76.8}, "moebert": {"f1": 72.3}, "moebert_int8": {"f1": 72.0},
                "moebert_bf16": {"f1": 72.2}}  # fmt: skip
     text = build.card(args, tiny_model("hash-random", task="qa").config, metrics)
@@ -41,4 +41,4 @@ def test_card_of_both_forms_lists_each_served_form(tmp_path):
     assert "|---|---:|---:|---:|---:|" in text  # one column per served form
     assert "fp16 safetensors and a dynamically quantized int8 ONNX graph" in text
     assert "Loading without this project" in text  # torch weights travel: portable code
-    assert "--runtimes torch onnx-int8 torch-bf16" in text and "--bf16-row" in text
+    assert "--runtimes torch onnx-int8 torch-bf16" in text
