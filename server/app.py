@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.batching import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Batcher, Row, Scheduler, measure_batch_tokens, pad_batch
+from server.batching import Batcher, Row, Scheduler, default_batch_tokens, measure_batch_tokens, pad_batch
 from server.errors import (
     ApiError,
     BadRequest,
@@ -102,11 +102,10 @@ class ServerState:
         try:
             for name, path in settings.models.items():
                 model = await self.loop.run_in_executor(self.executor, load_served_model, name, path, settings)
-                default_tokens = GPU_BATCH_TOKENS if settings.device == "cuda" else CPU_BATCH_TOKENS
                 model.batcher = Batcher(
                     name, model.backend.run, self.scheduler, self.metrics,
                     pad_id=model.pad_id, moe_layers=list(model.config.moe_layers),
-                    max_batch_tokens=settings.max_batch_tokens or default_tokens,
+                    max_batch_tokens=settings.max_batch_tokens or default_batch_tokens(settings.device),
                     max_batch_requests=settings.max_batch_requests,
                     max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, max_row_len=model.max_seq_len,
                     max_batch_s=settings.max_batch_ms / 1000, max_queue_wait_s=settings.request_timeout_s / 2,

@@ -128,6 +128,11 @@ PROBE_BATCH_TOKENS = (256, 512, 1024, 2048, 4096)
 PROBE_TOLERANCE = 1.05
 
 
+def default_batch_tokens(device: str) -> int:
+    """Padded tokens per batch when `max_batch_tokens` is not set, before (or without) the measurement."""
+    return GPU_BATCH_TOKENS if device == "cuda" else CPU_BATCH_TOKENS
+
+
 def measure_batch_tokens(
     run: Callable[[np.ndarray, np.ndarray, np.ndarray], dict], pad_id: int, max_row_len: int, max_rows: int,
     max_batch_s: float, sizes: tuple[int, ...] = PROBE_BATCH_TOKENS,

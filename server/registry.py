@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.backends import Backend, make_backend
-from server.batching import GPU_BATCH_TOKENS, Batcher
+from server.batching import Batcher, default_batch_tokens
 from server.errors import InvalidInput, PayloadTooLarge, UnknownModel
 from server.settings import ServerSettings
 
@@ -105,7 +105,9 @@ def load_served_model(name: str, path: str, settings: ServerSettings) -> ServedM
     if settings.device == "cuda" and settings.cuda_graphs:
         from server.cuda_graphs import graph_buckets
 
-        buckets = graph_buckets(settings.max_batch_requests, settings.max_batch_tokens or GPU_BATCH_TOKENS, max_seq_len)
+        buckets = graph_buckets(
+            settings.max_batch_requests, settings.max_batch_tokens or default_batch_tokens(settings.device), max_seq_len
+        )
     backend = make_backend(
         path, settings.backend, settings.onnx_precision, settings.device, settings.threads, settings.dtype, buckets
     )
