@@ -126,6 +126,7 @@ CPU_BATCH_TOKENS = 1024
 # server's per-batch work over more rows).
 PROBE_BATCH_TOKENS = (256, 512, 1024, 2048, 4096)
 PROBE_TOLERANCE = 1.05
+PROBE_ROUNDS = 3  # timed calls per size, in interleaved rounds
 
 
 def default_batch_tokens(device: str) -> int:
@@ -135,13 +136,15 @@ def default_batch_tokens(device: str) -> int:
 
 def measure_batch_tokens(
     run: Callable[[np.ndarray, np.ndarray, np.ndarray], dict], pad_id: int, max_row_len: int, max_rows: int,
-    max_batch_s: float, sizes: tuple[int, ...] = PROBE_BATCH_TOKENS,
+    max_batch_s: float, sizes: tuple[int, ...] = PROBE_BATCH_TOKENS, rounds: int = PROBE_ROUNDS,
 ) -> tuple[int, float]:  # fmt: skip
     """The padded tokens per model call at which this model runs fastest per token, measured: → (tokens,
     seconds per token there). Rows of min(128, max_row_len) tokens, sizes from `sizes` (rows capped at
-    max_rows); each size run once cold and twice timed (the faster counts); larger sizes are not tried once a
-    call takes longer than max_batch_s (batches are cut to that time anyway). The largest size within
-    PROBE_TOLERANCE of the best time per token wins.
+    max_rows). Each size runs once cold and once timed, in turn; larger sizes are not tried once a call takes
+    longer than max_batch_s (batches are cut to that time anyway). Then `rounds` − 1 more timed rounds go
+    over the sizes in turn, and each size counts its fastest call: sizes timed side by side, so that a
+    slow stretch of the machine (another process on the core) lands on all of them rather than deciding
+    which wins. The largest size within PROBE_TOLERANCE of the best time per token wins.
 
     Why measured: the best call size depends on the runtime and the machine. On 2 cores (AMX), MiniLM-L6,
     rows of 128 tokens: ONNX Runtime int8 is fastest per token at 256–512 tokens and 25% slower at 4096
@@ -149,20 +152,25 @@ def measure_batch_tokens(
     fp32 at 512–4096; torch bf16 at 4096 (benchmarks/results/batch_tokens.md)."""
     length = max(2, min(128, max_row_len))
     row = Row([101] + [1000] * (length - 2) + [102], [0] * length, None)  # type: ignore[arg-type]
-    measured: dict[int, float] = {}  # tokens → seconds per token
+
+    def timed(inputs) -> float:
+        started = time.perf_counter()
+        run(*inputs)
+        return time.perf_counter() - started
+
+    batches, best = [], []  # the sizes tried: padded inputs, fastest call (s)
     for size in sizes:
         rows = max(1, min(max_rows, size // length))
         inputs = pad_batch([row] * rows, pad_id, max_row_len)
-        best = float("inf")
-        for timed in (False, True, True):
-            started = time.perf_counter()
-            run(*inputs)
-            if timed:
-                best = min(best, time.perf_counter() - started)
-        tokens = int(inputs[0].size)
-        measured[tokens] = best / tokens
-        if best > max_batch_s or rows == max_rows:
+        run(*inputs)  # cold: first call of this shape
+        batches.append(inputs)
+        best.append(timed(inputs))
+        if best[-1] > max_batch_s or rows == max_rows:
             break
+    for _ in range(rounds - 1):
+        for i, inputs in enumerate(batches):
+            best[i] = min(best[i], timed(inputs))
+    measured = {int(inputs[0].size): s / int(inputs[0].size) for inputs, s in zip(batches, best, strict=True)}
     fastest = min(measured.values())
     tokens = max(t for t, rate in measured.items() if rate <= PROBE_TOLERANCE * fastest)
     return tokens, measured[tokens]

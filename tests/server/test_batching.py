@@ -53,3 +53,27 @@ def test_stops_past_the_batch_time_and_at_the_row_cap(monkeypatch):
     model = FakeModel(lambda n: n * 1e-5 / n**0.1, monkeypatch)  # bigger is always better
     tokens, _ = measure_batch_tokens(model.run, 0, 16, 5, max_batch_s=10.0)  # short rows, 5 rows at most
     assert tokens == 5 * 16 and {shape for shape in model.calls} == {(5, 16)}
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_a_slow_stretch_of_the_machine_does_not_decide(rounds, monkeypatch):
+    """Another process takes the core for a while: every call in 0.1 s of fake time from the best size's
+    first (cold) call runs 1.5× slower. Timed once per size, the stretch decides; timed side by side in
+    rounds, each size's fastest call is outside it and the best size wins."""
+    curve = u_shaped(512)
+    model = FakeModel(curve, monkeypatch)
+    stretch: list[float] = []  # its start
+
+    def run(input_ids, attention_mask, token_type_ids):
+        if input_ids.size == 512 and not stretch:
+            stretch.append(model.now)
+        started = model.now
+        model.run(input_ids, attention_mask, token_type_ids)
+        if stretch and started < stretch[0] + 0.1:
+            model.now += 0.5 * (model.now - started)
+
+    tokens, rate = measure_batch_tokens(run, 0, 512, 64, max_batch_s=10.0, rounds=rounds)
+    if rounds == 1:
+        assert tokens != 512
+    else:
+        assert (tokens, rate) == (512, pytest.approx(curve(512) / 512))
