@@ -91,6 +91,12 @@ class TorchBackend:
         self.model = load_model(path, dtype=self.dtype).to(self.device).eval()
         if self.dtype == torch.bfloat16 and self.device.type == "cpu":
             self.name = "torch-bf16"
+            if not native_cpu_bf16():  # the user's explicit choice: served, but not silently slow
+                log.warning(
+                    "%s: bfloat16 on a CPU without bf16 matmuls (AVX512-BF16 / AMX) is emulated: MiniLM-L6 ran "
+                    "5-12x slower than float32 on an AVX2 CPU (benchmarks/results/bench_backends_bf16_avx2.md); "
+                    "float32 or the ONNX int8 export serve faster here", path,
+                )  # fmt: skip
         self.is_moe = bool(self.model.config.moe_layers)
         self.graphs = None
         if graph_buckets and self.device.type == "cuda":

@@ -1,4 +1,5 @@
-"""The ONNX Runtime backend's run settings: denormals flushed on the thread that runs the model."""
+"""The backends' run settings: ONNX Runtime with denormals flushed on the thread that runs the model; torch
+bf16 on a CPU without bf16 matmuls served, with a warning."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 
 from moebert.loading import load_model
 from moebert.onnx_export import export_onnx
-from server.backends import OnnxBackend
+from server import backends
+from server.backends import OnnxBackend, TorchBackend
 
 
 def denormals_survive() -> bool:
@@ -47,3 +49,17 @@ def test_onnx_backend_runs_with_denormals_flushed_on_its_own_thread(exported_moe
     with torch.inference_mode():  # flushed denormals do not change the answer (the masked weights are ~1e-45)
         ref = load_model(checkpoint)(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
     np.testing.assert_allclose(seen["logits"], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_matmuls_warns(native, moe_cls_dir, monkeypatch, caplog):
+    monkeypatch.setattr(backends, "native_cpu_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="moebert.server"):
+        backend = TorchBackend(moe_cls_dir, dtype="bfloat16")
+    assert backend.name == "torch-bf16"
+    warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    assert bool(warned) == (not native), warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moebert.server"):
+        TorchBackend(moe_cls_dir, dtype="float32")
+    assert not [r for r in caplog.records if "emulated" in r.getMessage()]
