@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from build import TOKENIZER_FILES  # models/build.py, beside this script
 from onnx import numpy_helper
 
 from moebert.loading import load_config
 from moebert.modeling import MoEBertForSequenceClassification
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 def dequantize(init: dict[str, np.ndarray], prefix: str) -> np.ndarray:
@@ -61,10 +60,8 @@ def recover(graph_file: Path, config) -> dict[str, torch.Tensor]:
     # the unnamed expert tensors, per layer, in trace order (see the module doc)
     layer_of_node = {}
     for node in model.graph.node:
-        m = re.search(r"/layer\.(\d+)/", node.name)
-        for x in node.input:
-            if m and x.startswith("onnx::"):
-                layer_of_node[x] = int(m.group(1))
+        if m := re.search(r"/layer\.(\d+)/", node.name):
+            layer_of_node.update({x: int(m.group(1)) for x in node.input if x.startswith("onnx::")})
     per_layer: dict[int, list[tuple[int, str]]] = defaultdict(list)  # layer → [(trace number, kind)]
     for name, layer in layer_of_node.items():
         m = re.fullmatch(r"onnx::(MatMul|Add|LayerNormalization)_(\d+)(_quantized)?", name)
