@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -100,7 +101,15 @@ def main() -> None:
     p.add_argument("bundle", help="bundled model folder holding config.json, tokenizer and onnx/model.int8.onnx")
     p.add_argument("output", help="checkpoint folder to write (safetensors + config + tokenizer)")
     args = p.parse_args()
-    bundle, out = Path(args.bundle), Path(args.output)
+    try:
+        recover_bundle(Path(args.bundle), Path(args.output))
+    except KeyError as err:  # a tensor the earlier export names is missing: one line, no traceback
+        sys.exit(f"{args.bundle}: no tensor {err} in its graph: not an int8 graph of the earlier (QAttention) export")
+    except (OSError, ValueError) as err:
+        sys.exit(f"{args.bundle}: cannot recover weights: {err}")
+
+
+def recover_bundle(bundle: Path, out: Path) -> None:
     config = load_config(bundle)
     model = MoEBertForSequenceClassification(config)
     state = recover(bundle / "onnx" / "model.int8.onnx", config)
