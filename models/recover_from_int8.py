@@ -32,6 +32,7 @@ import torch
 from build import TOKENIZER_FILES  # models/build.py, beside this script
 from onnx import numpy_helper
 
+from moebert.atomic import atomic_folder
 from moebert.loading import load_config
 from moebert.modeling import MoEBertForSequenceClassification
 
@@ -121,10 +122,11 @@ def recover_bundle(bundle: Path, out: Path) -> None:
         if own[k].shape != v.shape:
             raise ValueError(f"{k}: graph {tuple(v.shape)} vs model {tuple(own[k].shape)}")
     model.load_state_dict(state, strict=False)
-    model.save_pretrained(out)
-    for f in TOKENIZER_FILES:
-        if (bundle / f).is_file():
-            shutil.copy(bundle / f, out / f)
+    with atomic_folder(out) as tmp:  # written beside `out`, renamed onto it when complete
+        model.save_pretrained(tmp)
+        for f in TOKENIZER_FILES:
+            if (bundle / f).is_file():
+                shutil.copy(bundle / f, tmp / f)
     print(f"recovered {len(state)} tensors from {bundle} → {out}")
 
 
