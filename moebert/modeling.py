@@ -100,22 +100,21 @@ class MoEBertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout_p = config.attention_probs_dropout_prob
 
-    def forward(
-        self, tokens: torch.Tensor, index: torch.Tensor | None, B: int, T: int, attn_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """tokens [N, d] (index [N]: where each sits in B*T; None: N = B*T), attn_mask [B, 1, 1, T] bool
-        (True = attend) or None → context [N, d]. Q, K and V are projected on the N tokens; only the
-        attention core sees the padded layout (zeros at padding, which the mask hides as keys)."""
+    def forward(self, tokens: torch.Tensor, layout: TokenLayout, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """tokens [N, d] (the layout's), attn_mask [B, 1, 1, T] bool (True = attend) or None → context [N, d].
+        Q, K and V are projected on the N tokens; only the attention core sees the padded layout, filled by
+        one row gather (layout.slot_index), and one row gather takes the N real rows back out of it."""
         d = tokens.shape[-1]
+        B, T = layout.attention_mask.shape
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # [N, d] → [B, heads, T, d/heads]
-            if index is not None:
-                t = t.new_zeros(B * T, d).index_put_((index,), t)
+            if layout.slot_index is not None:
+                t = t.index_select(0, layout.slot_index)  # [B*T, d]
             return t.view(B, T, self.num_heads, -1).transpose(1, 2)
 
         q, k, v = (padded(proj(tokens)) for proj in (self.query, self.key, self.value))
         ctx = self.core(q, k, v, attn_mask).transpose(1, 2).reshape(B * T, d)
-        return ctx if index is None else ctx.index_select(0, index)
+        return ctx if layout.token_index is None else ctx.index_select(0, layout.token_index)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """softmax(QKᵀ/√d_head, masked)·V: q, k, v [B, heads, T, d/heads] → the same shape"""
@@ -142,11 +141,9 @@ class MoEBertAttention(nn.Module):
         self.self = MoEBertSelfAttention(config)
         self.output = MoEBertSelfOutput(config.hidden_size, config)
 
-    def forward(
-        self, tokens: torch.Tensor, index: torch.Tensor | None, B: int, T: int, attn_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, layout: TokenLayout, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """tokens [N, d] → [N, d] (see MoEBertSelfAttention.forward)"""
-        return self.output(self.self(tokens, index, B, T, attn_mask), tokens)
+        return self.output(self.self(tokens, layout, attn_mask), tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,8 +170,10 @@ class TokenLayout:
     Padded (padded=True): N = B*T, valid [B*T] bool always given (the weight of each token in pooling,
     balance loss and expert counts); every token-wise matmul sees every token, and padding positions keep
     the layer's input, as in the packed layout.
-    attention_mask [B, T] bool; token_index [N] (packed: where each token sits in B*T; every layer
-    gathers and scatters rows by it) or None.
+    attention_mask [B, T] bool. Packed with padding: token_index [N] (where each token sits in B*T: the
+    encoder gathers the N rows once and scatters them back once) and slot_index [B*T] (which of the N rows
+    fills each slot of the padded attention layout; a padding slot repeats a real token's row, which the
+    mask hides as a key and whose output row is discarded); both None otherwise.
     """
 
     valid: torch.Tensor | None
@@ -183,6 +182,7 @@ class TokenLayout:
     attention_mask: torch.Tensor
     batch_size: int
     token_index: torch.Tensor | None = None
+    slot_index: torch.Tensor | None = None
     padded: bool = False
 
     def token_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -345,27 +345,20 @@ class MoEBertLayer(nn.Module):
             self.output = MoEBertSelfOutput(config.intermediate_size, config)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None, layout: TokenLayout
+        self, tokens: torch.Tensor, attn_mask: torch.Tensor | None, layout: TokenLayout
     ) -> tuple[torch.Tensor, Routing | None]:
-        """x [B, T, d] → [B, T, d]. Every token-wise matmul (Q, K, V, the attention output, the FFN) runs on
-        the N tokens of the layout; padding positions keep their input (they are masked as keys, and no
-        output reads them). Packed: N real tokens, gathered once and scattered back once; padded: all B*T,
-        and a select keeps padding's input."""
-        B, T, d = x.shape
-        flat = x.reshape(B * T, d)
-        index = layout.token_index  # [N] (packed, with padding) or None
-        tokens = flat if index is None else flat.index_select(0, index)  # [N, d]
-        attn_out = self.attention(tokens, index, B, T, attn_mask)
+        """tokens [N, d] → [N, d]: the layout's N tokens (packed: the real ones; padded: all B*T, where a
+        select keeps padding's input). Every token-wise matmul (Q, K, V, the attention output, the FFN) runs
+        on those N rows."""
+        attn_out = self.attention(tokens, layout, attn_mask)
         routing = None
         if self.moe is None:
             y = self.output(F.gelu(self.intermediate.dense(attn_out)), attn_out)
         else:
             y, routing = self.moe(attn_out, layout)
-        if index is not None:  # row gathers and scatters (masked_scatter would be element-wise in ONNX)
-            y = flat.index_put((index,), y)
-        elif layout.padded:
-            y = torch.where(layout.valid.unsqueeze(-1), y, flat)
-        return y.view(B, T, d), routing
+        if layout.padded:
+            y = torch.where(layout.valid.unsqueeze(-1), y, tokens)
+        return y, routing
 
 
 class MoEBertEncoder(nn.Module):
@@ -374,12 +367,23 @@ class MoEBertEncoder(nn.Module):
         self.layer = nn.ModuleList(MoEBertLayer(config, i) for i in range(config.num_hidden_layers))
 
     def forward(self, x, attn_mask, layout, output_hidden_states: bool, output_expert_counts: bool):
+        """x [B, T, d] → [B, T, d]. The layers pass the layout's N tokens [N, d] from one to the next: packed,
+        the real tokens are gathered once here and scattered back once (padding positions keep x, which no
+        output reads); row gathers and scatters, since masked_scatter would be element-wise in ONNX."""
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)
+        index = layout.token_index  # [N] or None
+
+        def unpacked(tokens: torch.Tensor) -> torch.Tensor:  # [N, d] → [B, T, d]
+            return (tokens if index is None else flat.index_put((index,), tokens)).view(B, T, d)
+
+        tokens = flat if index is None else flat.index_select(0, index)  # [N, d]
         hidden_states = [x] if output_hidden_states else None
         aux_losses, counts = [], []
         for layer in self.layer:
-            x, routing = layer(x, attn_mask, layout)
+            tokens, routing = layer(tokens, attn_mask, layout)
             if hidden_states is not None:
-                hidden_states.append(x)
+                hidden_states.append(unpacked(tokens))
             if routing is not None:
                 if routing.aux_loss is not None:
                     aux_losses.append(routing.aux_loss)
@@ -390,6 +394,7 @@ class MoEBertEncoder(nn.Module):
                     else:
                         counts.append(torch.bincount(routing.expert_ids, minlength=num_experts))
         aux = torch.stack(aux_losses).sum() if aux_losses else None
+        x = hidden_states[-1] if hidden_states is not None else unpacked(tokens)
         return x, hidden_states, aux, (torch.stack(counts) if counts else None)
 
 
@@ -552,6 +557,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
             attention_mask=attention_mask,
             batch_size=B,
             token_index=valid.nonzero().squeeze(-1) if padded else None,
+            slot_index=(valid.long().cumsum(0) - 1).clamp(min=0) if padded else None,  # [B*T]: its row in N
         )
         attn_mask = attention_mask[:, None, None, :] if padded else None  # [B, 1, 1, T]
         return layout, attn_mask

@@ -120,6 +120,19 @@ def test_padding_is_removed_from_every_projection(exported, name, precision, tmp
     assert [o.name for o in graph.output][0] in ("logits", "start_logits")
 
 
+@pytest.mark.parametrize("name", ["cls-dense", "qa-dense", "cls-hash-random", "cls-gate-sentence"])
+def test_tokens_stay_packed_between_layers(exported, name):
+    """The N real tokens pass from layer to layer as [N, d]: one ScatterND writes them back to [B*T, d] at the
+    end, and the padded attention layout is filled by row Gathers, not by scatters into zeros (each
+    ScatterND copies its whole [B*T, d] input first). An MoE layer adds one row ScatterND of its experts'
+    outputs."""
+    path, result = exported[name]
+    moe_layers = len(load_model(path).config.moe_layers)
+    for file in result.files[:2]:  # fp32, int8
+        ops = [n.op_type for n in onnx.load(str(file)).graph.node]
+        assert ops.count("ScatterND") == 1 + moe_layers, (file.name, ops.count("ScatterND"))
+
+
 def test_export_cli_writes_where_serve_looks(checkpoints, tmp_path):
     import shutil
     import subprocess
