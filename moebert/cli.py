@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from moebert.configuration import ROUTE_METHODS, SPLIT_METHODS
+from moebert.configuration import ATTENTION_CORES, ROUTE_METHODS, SPLIT_METHODS
 
 
 def _int_list(text: str) -> list[int]:
@@ -77,8 +77,9 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def export_onnx_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Export a dense or MoEBERT checkpoint to ONNX (routing inside the graph), optimize it with ONNX Runtime's "
-        "BERT optimizer (fused attention) and optionally quantize it to int8. Writes <MODEL>/onnx/model.onnx "
+        "Export a dense or MoEBERT checkpoint to ONNX (routing inside the graph, padding removed from every "
+        "token-wise matmul), optimize it with ONNX Runtime's BERT optimizer and optionally quantize it to int8 "
+        "(per-channel weights, dynamic activations). Writes <MODEL>/onnx/model.onnx "
         "(and model.int8.onnx), where `moebert serve --backend onnx` looks."
     )
     p.add_argument("model", help="checkpoint folder")
@@ -86,6 +87,9 @@ def export_onnx_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", action="store_true", help="also write a dynamic int8 model (model.int8.onnx)")
     p.add_argument("--no-optimize", action="store_true", help="skip the ORT transformer optimizer")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--attention", choices=ATTENTION_CORES, default="auto",
+                   help="attention core: plain ops, or ORT's fused MultiHeadAttention (faster on long rows, slower "
+                   "on short ones); auto (default): fused for QA models, plain for classifiers")  # fmt: skip
     p.set_defaults(run=run_export_onnx)
 
 
@@ -93,7 +97,8 @@ def run_export_onnx(args: argparse.Namespace) -> None:
     from moebert.onnx_export import export_onnx
 
     result = export_onnx(
-        args.model, args.output_dir, quantize=args.quantize, optimize=not args.no_optimize, opset=args.opset
-    )
+        args.model, args.output_dir, quantize=args.quantize, optimize=not args.no_optimize, opset=args.opset,
+        attention=args.attention,
+    )  # fmt: skip
     for path in result.files:
         print(path)

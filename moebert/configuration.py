@@ -12,6 +12,7 @@ from transformers import BertConfig
 
 ROUTE_METHODS = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLIT_METHODS = ("importance", "random", "inverse")
+ATTENTION_CORES = ("auto", "plain", "fused")  # how ONNX export writes the attention core (moebert.onnx_export)
 
 
 def check_moe_settings(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -115,7 +116,11 @@ def test_padding_is_removed_from_every_projection(exported, name, precision, tmp
         assert len(shape) in (2, 3, 4), shapes  # [rows, d] projections, or the [B, heads, T, ·] core
         if len(shape) == 2:
             assert shape[0] <= int(lengths.sum()), shapes  # N real tokens (an expert: its share of them)
-    assert any(len(s) == 4 for s in flat) and any(len(s) == 2 and s[0] == int(lengths.sum()) for s in flat)
+    assert any(len(s) == 2 and s[0] == int(lengths.sum()) for s in flat)
+    # The attention core: plain batched matmuls (classifiers), or one fused op per layer (QA, see export_onnx)
+    fused = name.startswith("qa")
+    assert any(len(s) == 4 for s in flat) != fused, shapes
+    assert ("MultiHeadAttention" in ops) == fused
     graph = onnx.load(str(result.files[0])).graph
     assert [o.name for o in graph.output][0] in ("logits", "start_logits")
 
@@ -131,6 +136,29 @@ def test_tokens_stay_packed_between_layers(exported, name):
     for file in result.files[:2]:  # fp32, int8
         ops = [n.op_type for n in onnx.load(str(file)).graph.node]
         assert ops.count("ScatterND") == 1 + moe_layers, (file.name, ops.count("ScatterND"))
+
+
+@pytest.mark.parametrize(("name", "attention"), [("cls-hash-random", "fused"), ("qa-hash-random", "plain")])
+def test_either_attention_core_matches_torch(checkpoints, exported, name, attention, tmp_path):
+    """The other core than `auto` picks for the task: the same function (fp32 parity, and int8 within its bound
+    of the auto export's outputs), and export.json says which core the graph has."""
+    path = checkpoints[name]
+    result = export_onnx(path, tmp_path, quantize=True, attention=attention)
+    assert result.max_abs_diff["fp32"] <= FP32_ATOL and result.max_abs_diff["int8"] <= INT8_ATOL
+    ops = {n.op_type for n in onnx.load(str(result.files[0])).graph.node}
+    assert ("MultiHeadAttention" in ops) == (attention == "fused")
+    info = json.loads((tmp_path / "export.json").read_text())
+    assert info["attention"] == ("com.microsoft.MultiHeadAttention" if attention == "fused" else "plain ops")
+    model = load_model(path)
+    lengths = torch.tensor([1, 6, 13])  # a row of one token; odd lengths
+    mask = (torch.arange(13) < lengths[:, None]).long()
+    ids = torch.randint(1000, 30000, (3, 13)) * mask
+    assert max_deviation(model, OnnxBackend(result.files[0], threads=1).session, [(ids, mask, 0 * ids)]) <= FP32_ATOL
+
+
+def test_unknown_attention_core_is_refused(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="unknown attention core"):
+        export_onnx(checkpoints["cls-dense"], tmp_path, attention="flash")
 
 
 def test_export_cli_writes_where_serve_looks(checkpoints, tmp_path):
