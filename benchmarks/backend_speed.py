@@ -19,10 +19,10 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from interleaved import time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,14 +55,7 @@ def main() -> None:
         for batch in args.batches:
             ids = rng.integers(1000, 20000, (batch, int(tokens))).astype(np.int64)  # [B, T]
             mask, types = np.ones_like(ids), np.zeros_like(ids)
-            times = {k: [] for k in runtimes}
-            for backend in runtimes.values():  # warm-up
-                backend.run(ids, mask, types)
-            for _ in range(args.repeats):
-                for key, backend in runtimes.items():
-                    start = time.perf_counter()
-                    backend.run(ids, mask, types)
-                    times[key].append(time.perf_counter() - start)
+            times = time_interleaved(runtimes, (ids, mask, types), args.repeats)
             ms = {k: 1000 * float(np.median(v)) for k, v in times.items()}
             model_rows.append({"model": name, "batch": batch, "tokens": int(tokens), "ms": ms,
                                "fastest": min(ms, key=ms.get)})  # fmt: skip

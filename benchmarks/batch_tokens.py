@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import numpy as np
 from batch_shapes import make_batch
 from bench_backends import BACKENDS, add_model_args, make, model_pair
+from interleaved import time_interleaved
 from results_files import pyplot, write_results
 
 
@@ -43,14 +43,7 @@ def main() -> None:
         batch = 1
         while batch * length <= args.max_tokens:
             inputs = make_batch(batch, length, False, rng)
-            times = {key: [] for key in runners}
-            for runner in runners.values():  # warm-up
-                runner.run(*inputs)
-            for _ in range(args.repeats):
-                for key, runner in runners.items():
-                    start = time.perf_counter()
-                    runner.run(*inputs)
-                    times[key].append(time.perf_counter() - start)
+            times = time_interleaved(runners, inputs, args.repeats)
             for (backend, model), ts in times.items():
                 us = 1e6 * statistics.median(ts) / (batch * length)
                 rows.append({"backend": backend, "model": model, "length": length, "rows": batch,

@@ -20,11 +20,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from batch_shapes import make_batch, parse_shape
+from interleaved import time_interleaved
 from results_files import pyplot, write_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,14 +103,7 @@ def main() -> None:
     for shape in args.shapes:
         batch, tokens, padded = parse_shape(shape)
         ids, mask, types = make_batch(batch, tokens, padded, rng)  # [B, T]
-        for runner in runners.values():  # warm-up
-            runner.run(ids, mask, types), runner.run(ids, mask, types)
-        times = {key: [] for key in runners}
-        for _ in range(args.repeats * (4 if batch == 1 else 1)):
-            for key, runner in runners.items():
-                start = time.perf_counter()
-                runner.run(ids, mask, types)
-                times[key].append(time.perf_counter() - start)
+        times = time_interleaved(runners, (ids, mask, types), args.repeats * (4 if batch == 1 else 1), warmup=2)
         for b in args.backends:
             dense_ms, moe_ms = (1000 * statistics.median(times[(b, m)]) for m in ("dense", "moe"))
             row = {"backend": b, "batch": batch, "tokens": tokens, "padded": padded, "dense_ms": dense_ms,

@@ -20,11 +20,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from batch_shapes import make_batch, parse_shape
+from interleaved import time_interleaved
 from results_files import write_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,14 +62,7 @@ def main() -> None:
     for shape in args.shapes:
         batch, tokens, padded = parse_shape(shape)
         ids, mask, types = make_batch(batch, tokens, padded, rng)
-        for runner in runners.values():  # warm-up
-            runner.run(ids, mask, types), runner.run(ids, mask, types)
-        times = {label: [] for label in runners}
-        for _ in range(args.repeats * (4 if batch == 1 else 1)):
-            for label, runner in runners.items():
-                start = time.perf_counter()
-                runner.run(ids, mask, types)
-                times[label].append(time.perf_counter() - start)
+        times = time_interleaved(runners, (ids, mask, types), args.repeats * (4 if batch == 1 else 1), warmup=2)
         ms = {label: 1000 * statistics.median(t) for label, t in times.items()}
         rows.append({"shape": shape, "ms": ms})
         print(f"{shape:>7}  " + "  ".join(f"{k} {v:7.2f} ms" for k, v in ms.items()), flush=True)

@@ -20,9 +20,9 @@ What the exported graph contains, and why:
   to exactly 0 in fp32 (with denormals flushed, as the server runs ORT). `attention="plain"` traces it as
   plain ops (MatMul, Add, Softmax, MatMul); `fused` as ORT's com.microsoft.MultiHeadAttention (same
   function, one op per layer); `auto` (the default) fuses it for QA models only. Measured on int8 graphs
-  (MiniLM-L6 dense and MoE, 1 thread, AVX2, interleaved; cpu_backends_analysis.md): fused is 3–15%
-  faster on batches of 4–8 QA windows (up to 256 tokens, mixed lengths), level at 1–2 windows, and 8–16%
-  slower at short classification batches (16 × 24), where the plain ops stay.
+  (MiniLM-L6 dense and MoE, 1 thread, AVX2, interleaved; graph_ab_attention_core_qa_avx2.md): fused is
+  2–19% faster on batches of 4–8 QA windows (up to 256 tokens, mixed lengths), level at 1–2 windows, and
+  2–9% slower at short classification batches (16 × 24), where the plain ops stay.
 - The example batch is padded, so the padding-removing path is the one traced; it is also correct (and as
   fast) for unpadded batches.
 - Outputs: logits [B, C] or start_logits, end_logits [B, T]; for MoE models also expert_counts
