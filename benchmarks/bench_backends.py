@@ -29,7 +29,9 @@ from results_files import pyplot, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")  # torch-bf16: `--backend torch --dtype bfloat16`
+# torch-bf16: `--backend torch --dtype bfloat16`; onnx-int8-fast: `--int8-matmul fast` (u8 × s8 products, which
+# saturate on x86 CPUs without VNNI; elsewhere the same as onnx-int8).
+BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-fast")
 
 
 def target(batch: int, tokens: int) -> float:
@@ -80,13 +82,16 @@ def make(path: Path, backend: str, threads: int):
 
     if backend.startswith("torch"):
         return TorchBackend(path, threads=threads, dtype="bfloat16" if backend == "torch-bf16" else "auto")
+    if backend == "onnx-int8-fast":
+        return OnnxBackend(path, "int8", threads=threads, int8_matmul="fast")
     return OnnxBackend(path, backend.removeprefix("onnx-"), threads=threads)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends to time")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS[:4]),
+                   help="backends to time (default: all but onnx-int8-fast)")  # fmt: skip
     p.add_argument("--shapes", nargs="+", default=["32x128", "1x128", "16x24"],
                    help="BATCHxTOKENS shapes; a trailing p (8x48p) pads rows of mixed lengths to TOKENS, as the "
                    "server's batches of texts are")  # fmt: skip
@@ -119,9 +124,12 @@ def write(rows: list[dict], args, paths: dict) -> None:
     import onnxruntime
     import torch
 
+    from moebert.precision import int8_products_saturate
+
     env = (f"{os.cpu_count()} cores ({platform.machine()}, torch CPU capability "
            f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, onnxruntime "
-           f"{onnxruntime.__version__}, {args.threads} threads")  # fmt: skip
+           f"{onnxruntime.__version__}, {args.threads} threads, int8 products "
+           f"{'saturating unless exact (no VNNI)' if int8_products_saturate() else 'exact (VNNI/AMX)'}")  # fmt: skip
     lines = [
         "# Dense teacher vs MoEBERT on each CPU serving backend (interleaved, one run)",
         "",

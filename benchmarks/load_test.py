@@ -182,6 +182,8 @@ def configurations(args) -> list[tuple[str, callable]]:
     knobs = ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096"]
     if args.max_batch_tokens:
         knobs += ["--max-batch-tokens", str(args.max_batch_tokens)]
+    if args.int8_matmul:
+        knobs += ["--int8-matmul", args.int8_matmul]
 
     def ours(name, path, backend_flags, task="classification"):
         def start():
@@ -380,6 +382,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="this service's batching wait")
     p.add_argument("--max-seq-len", type=int, help="this service's tokens per row (default: the model's)")
     p.add_argument("--max-batch-tokens", type=int, help="this service's padded tokens per batch (default: its own)")
+    p.add_argument("--int8-matmul", choices=["exact", "fast"],
+                   help="this service's int8 products on CPUs without VNNI (default: its own, exact)")  # fmt: skip
     p.add_argument("--infinity-venv", default=os.environ.get("INFINITY_VENV", ".venv-infinity"))
     p.add_argument("--name", default="load_test", help="results file stem under benchmarks/results (default load_test)")
     p.add_argument("--naive-server", metavar="MODEL", help=argparse.SUPPRESS)

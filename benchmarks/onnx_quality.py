@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 MAX_DROP_POINTS = 0.5
-RUNTIMES = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")  # torch-bf16: only asked for by name
+# torch-bf16 and onnx-int8-fast (`--int8-matmul fast`: u8 × s8 products, which saturate on x86 CPUs without
+# VNNI) only when asked for by name.
+RUNTIMES = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-fast")
 
 
 class OrtModule(torch.nn.Module):
@@ -64,11 +66,13 @@ def main(argv=None) -> int:
 
     from moebert.loading import load_model
     from moebert.onnx_export import export_onnx
+    from moebert.precision import int8_products_saturate
     from server.backends import OnnxBackend, TorchBackend, onnx_file
     from training.evaluate import predict, score
 
     model_dir = Path(args.model)
-    if args.export or any(not onnx_file(model_dir, r[5:]).is_file() for r in args.runtimes if r.startswith("onnx-")):
+    precisions = {r.split("-")[1] for r in args.runtimes if r.startswith("onnx-")}
+    if args.export or any(not onnx_file(model_dir, p).is_file() for p in precisions):
         export_onnx(model_dir, quantize=True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +90,7 @@ def main(argv=None) -> int:
         "torch-bf16": lambda: OrtModule(TorchBackend(model_dir, threads=args.threads, dtype="bfloat16")),
         "onnx-fp32": lambda: OrtModule(OnnxBackend(model_dir, "fp32", threads=args.threads)),
         "onnx-int8": lambda: OrtModule(OnnxBackend(model_dir, "int8", threads=args.threads)),
+        "onnx-int8-fast": lambda: OrtModule(OnnxBackend(model_dir, "int8", threads=args.threads, int8_matmul="fast")),
     }
     rows, outputs = {}, {}
     for name in args.runtimes:
@@ -106,6 +111,7 @@ def main(argv=None) -> int:
     section = {
         "model": str(model_dir), "examples": len(dev.examples), "max_length": max_length, "main_metric": main_metric,
         "rows": rows, "int8_drop": round(drop, 2), "vs": reference, "command": command,
+        "cpu": "x86 without VNNI (fast int8 products saturate)" if int8_products_saturate() else "VNNI/AMX or not x86",
     }  # fmt: skip
     if not args.limit:
         _write(spec.name, section)
@@ -137,7 +143,7 @@ def _write(task: str, section: dict) -> None:
         lines += [
             f"## {name}: `{s['model']}`, {s['examples']} examples, max length {s['max_length']}",
             "",
-            f"`{s['command']}`",
+            f"`{s['command']}`" + (f" (CPU: {s['cpu']})" if "cpu" in s else ""),
             "",
             "| runtime | " + " | ".join(metric_keys) + " | same prediction as torch % | seconds |",
             "|---|" + "---:|" * (len(metric_keys) + 2),

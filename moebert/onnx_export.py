@@ -214,8 +214,12 @@ def max_deviation(model, session, batches) -> float:
 def _session(path: Path):
     import onnxruntime as ort
 
+    from moebert.precision import exact_int8_session_entries
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    for key, value in exact_int8_session_entries("exact").items():  # int8 checked as the server runs it
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

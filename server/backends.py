@@ -34,6 +34,8 @@ RUNTIMES = {  # a runtime name in backend_speed.json → (backend, precision)
 
 class Backend(Protocol):
     name: str
+    # int8 ONNX Runtime: "exact" or "saturating" products (moebert.precision); None for other runtimes.
+    int8_matmul: str | None
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict: ...
 
@@ -68,6 +70,7 @@ class TorchBackend:
     it (server.cuda_graphs; captured here, at start-up); a batch no bucket holds runs eagerly."""
 
     name = "torch"
+    int8_matmul = None
 
     def __init__(
         self,
@@ -145,13 +148,18 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, path: str | Path, precision: str = "fp32", device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self, path: str | Path, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
+        int8_matmul: str = "exact",
+    ):  # fmt: skip
         import onnxruntime as ort
+
+        from moebert.precision import int8_products_saturate
 
         file = onnx_file(path, precision)
         if not file.is_file():
             raise FileNotFoundError(_missing_export(path, precision))
-        options = ort_session_options(threads or default_threads())
+        options = ort_session_options(threads or default_threads(), int8_matmul)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -159,6 +167,8 @@ class OnnxBackend:
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(file), options, providers=providers)
         self.name = "onnx" if precision == "fp32" else f"onnx-{precision}"
+        saturating = int8_matmul == "fast" and int8_products_saturate()
+        self.int8_matmul = None if precision != "int8" else "saturating" if saturating else "exact"
         self.file = file
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_names = {i.name for i in self.session.get_inputs()}
@@ -171,9 +181,12 @@ class OnnxBackend:
         return dict(zip(self.output_names, outputs, strict=True))
 
 
-def ort_session_options(threads: int):
-    """The CPU session settings every ONNX Runtime model is served (and benchmarked) with."""
+def ort_session_options(threads: int, int8_matmul: str = "exact"):
+    """The CPU session settings every ONNX Runtime model is served (and benchmarked) with. int8_matmul:
+    "exact" or "fast" int8 products on CPUs where ORT's fast ones saturate (moebert.precision)."""
     import onnxruntime as ort
+
+    from moebert.precision import exact_int8_session_entries
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -184,6 +197,11 @@ def ort_session_options(threads: int):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Denormals as zero on ORT's pool threads (see flush_denormals_on_this_thread for the calling thread).
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    # Exact int8 by default where the CPU has no VNNI: on an AVX2 CPU saturated products cost the bundled QA
+    # model 0.5 F1 and doubled the SST-2 model's mean |Δ logit| vs fp32; the u8 × u8 kernels cost that CPU
+    # 15-22% of the dense teacher's int8 model time and 0-18% of MoEBERT's (bench_backends_int8_exact_avx2).
+    for key, value in exact_int8_session_entries(int8_matmul).items():
+        options.add_session_config_entry(key, value)
     return options
 
 
@@ -275,13 +293,13 @@ def default_threads() -> int:
 
 def make_backend(
     path: str, backend: str, precision: str, device: str, threads: int | None, dtype: str = "auto",
-    graph_buckets: list[tuple[int, int]] | None = None,
+    graph_buckets: list[tuple[int, int]] | None = None, int8_matmul: str = "exact",
 ) -> Backend:  # fmt: skip
-    """dtype and graph_buckets (CUDA graphs) apply to the torch backend."""
+    """dtype and graph_buckets (CUDA graphs) apply to the torch backend, int8_matmul to ONNX Runtime int8."""
     backend, precision = resolve_backend(path, backend, precision, device)
     threads = threads or default_threads()
     if backend == "onnx":
-        return OnnxBackend(path, precision, device, threads)
+        return OnnxBackend(path, precision, device, threads, int8_matmul)
     if precision == "bf16" and dtype == "auto":  # auto chose the measured torch-bf16 runtime
         dtype = "bfloat16"
     return TorchBackend(path, device, threads, dtype, graph_buckets)

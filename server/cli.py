@@ -20,6 +20,13 @@ SERVE_FLAGS: list[tuple[str, dict]] = [
         "--onnx-precision",
         {"help": "onnx backend: auto (default: int8 when exported), fp32, int8"},
     ),
+    (
+        "--int8-matmul",
+        {
+            "help": "onnx int8 on x86 CPUs without VNNI: exact (default; ORT's u8 x u8 kernels, 10-25%% slower "
+            "there) or fast (u8 x s8 products that saturate in int16 pairs); no effect with VNNI or AMX",
+        },
+    ),
     ("--device", {"help": "cpu (default) or cuda"}),
     (
         "--dtype",

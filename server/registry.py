@@ -66,6 +66,7 @@ class ServedModel:
             "moe_layers": list(cfg.moe_layers),
             "max_seq_len": self.max_seq_len,
             "backend": self.backend.name,
+            "int8_matmul": self.backend.int8_matmul,
             "max_batch_tokens": self.batcher.max_batch_tokens if self.batcher is not None else None,
         }
 
@@ -109,9 +110,11 @@ def load_served_model(name: str, path: str, settings: ServerSettings) -> ServedM
             settings.max_batch_requests, settings.max_batch_tokens or default_batch_tokens(settings.device), max_seq_len
         )
     backend = make_backend(
-        path, settings.backend, settings.onnx_precision, settings.device, settings.threads, settings.dtype, buckets
-    )
-    log.info("loaded %s: %s (%s, %s backend, max %d tokens)", name, path, task, backend.name, max_seq_len)
+        path, settings.backend, settings.onnx_precision, settings.device, settings.threads, settings.dtype, buckets,
+        settings.int8_matmul,
+    )  # fmt: skip
+    int8 = f", {backend.int8_matmul} int8 products" if backend.int8_matmul else ""
+    log.info("loaded %s: %s (%s, %s backend%s, max %d tokens)", name, path, task, backend.name, int8, max_seq_len)
     return ServedModel(name, path, task, config, tokenizer, backend, max_seq_len)
 
 

@@ -113,6 +113,9 @@ class ModelInfo(BaseModel):
     moe_layers: list[int]
     max_seq_len: int
     backend: str
+    int8_matmul: str | None = Field(
+        None, description="int8 ONNX Runtime: exact or saturating int8 products on this CPU (--int8-matmul); else null"
+    )
     max_batch_tokens: int | None = Field(
         None, description="padded tokens per model call (set, or measured at start-up)"
     )

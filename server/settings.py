@@ -61,6 +61,12 @@ class ServerSettings(OperationsSettings):
     onnx_precision: Literal["auto", "fp32", "int8"] = Field(
         "auto", description="onnx backend: which export to run (auto: int8 when exported, else fp32)"
     )
+    int8_matmul: Literal["exact", "fast"] = Field(
+        "exact",
+        description="onnx int8 on x86 CPUs without VNNI (AVX2, plain AVX-512), where ONNX Runtime's fast u8 x s8 "
+        "products saturate in int16 pairs: exact (its u8 x u8 kernels; 10-25% slower there) or fast. CPUs with "
+        "VNNI or AMX compute either exactly, at full speed",
+    )
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",

@@ -92,6 +92,8 @@ def test_default_service_serves_both_bundled_models(default_service):
     # Each on its fastest CPU runtime at the shapes it serves (its backend_speed.json): int8 ONNX for both,
     # short texts and QA windows (a median of 144 tokens, mostly 1-2 windows per batch) alike.
     assert models["sst2"]["backend"] == "onnx-int8" and models["squad"]["backend"] == "onnx-int8"
+    # int8 products exact on every CPU by default (where the fast ones saturate, the slower exact kernels).
+    assert models["sst2"]["int8_matmul"] == models["squad"]["int8_matmul"] == "exact"
 
 
 @needs_bundle

@@ -63,3 +63,63 @@ def test_bf16_on_a_cpu_without_bf16_matmuls_warns(native, moe_cls_dir, monkeypat
     with caplog.at_level("WARNING", logger="moebert.server"):
         TorchBackend(moe_cls_dir, dtype="float32")
     assert not [r for r in caplog.records if "emulated" in r.getMessage()]
+
+
+def saturating_int8_matmul(folder) -> tuple[str, np.ndarray, np.ndarray]:
+    """A dynamically quantized MatMul whose u8 × s8 product pairs overflow int16: x [4, 64] all 1 (→ u8 255),
+    w [64, 8] of 1 and 0.9 (→ s8 127 and 114): each pair is 255 · 241 = 61,455 > 32,767. → (file, x, x @ w)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    k, n = 64, 8
+    w = np.where(np.arange(k)[:, None] % 2 == 0, 1.0, 0.9).repeat(n, axis=1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "fp32.onnx")
+    int8 = str(folder / "int8.onnx")
+    quantize_dynamic(str(folder / "fp32.onnx"), int8, weight_type=QuantType.QInt8, per_channel=True)
+    x = np.ones((4, k), np.float32)
+    return int8, x, x @ w
+
+
+@pytest.mark.parametrize("int8_matmul", ["exact", "fast"])
+def test_int8_products_are_exact_unless_fast_on_a_saturating_cpu(int8_matmul, tmp_path):
+    """int8_matmul "exact" is exact on every CPU; "fast" saturates exactly where moebert.precision says this CPU
+    does (AVX2, AVX-512 without VNNI): the CPU check and ORT's kernels agree."""
+    from moebert.precision import int8_products_saturate
+
+    file, x, ref = saturating_int8_matmul(tmp_path)
+    options = backends.ort_session_options(1, int8_matmul)
+    session = ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    exact = np.allclose(got, ref, rtol=0.01)  # int8 rounding: ≤ 0.5% here
+    assert exact == (int8_matmul == "exact" or not int8_products_saturate()), (got[0, 0], ref[0, 0])
+
+
+@pytest.mark.parametrize("int8_matmul", ["exact", "fast"])
+def test_onnx_backend_says_whether_its_int8_products_saturate(int8_matmul, exported_moe, monkeypatch):
+    checkpoint, fp32 = exported_moe
+    for saturates in (False, True):
+        monkeypatch.setattr("moebert.precision.int8_products_saturate", lambda s=saturates: s)
+        int8 = OnnxBackend(fp32, "int8", threads=1, int8_matmul=int8_matmul)  # a file path: any precision name
+        assert int8.int8_matmul == ("saturating" if saturates and int8_matmul == "fast" else "exact")
+    assert OnnxBackend(fp32, "fp32", threads=1, int8_matmul=int8_matmul).int8_matmul is None
+    assert TorchBackend.int8_matmul is None
+
+
+def test_int8_matmul_setting_from_flag_or_environment(monkeypatch):
+    from moebert_cli import build_parser
+    from server.cli import settings_from_args
+
+    parser = build_parser()
+    serve = ["serve", "--model", "m=/x"]
+    assert settings_from_args(parser.parse_args(serve)).int8_matmul == "exact"
+    assert settings_from_args(parser.parse_args([*serve, "--int8-matmul", "fast"])).int8_matmul == "fast"
+    monkeypatch.setenv("MOEBERT_SERVE_INT8_MATMUL", "fast")
+    assert settings_from_args(parser.parse_args(serve)).int8_matmul == "fast"
+    with pytest.raises(ValueError, match="int8_matmul"):
+        settings_from_args(parser.parse_args([*serve, "--int8-matmul", "precise"]))
